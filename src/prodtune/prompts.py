@@ -1,11 +1,35 @@
 """Stage 2 (format): clean rows -> TRL conversational prompt-completion JSONL splits.
 
+    report = format_stage(cfg)   # clean/clean.parquet -> format/{train,validation,test}.jsonl
+
 `build_prompt` is the one place a prompt is built; training, comparison and `prodtune ask` all
 call it, so training and inference prompts cannot diverge.
+
+Randomness comes from one seed (data.seed) in independent streams: one picks the sample, one the
+question templates, and the split of a title is a hash of the title and the seed, so adding rows
+never moves an existing title to another split.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prodtune.config import Config, DataConfig, ModelConfig, save_config, section_hash
+from prodtune.errors import UserError
+from prodtune.io import RunPaths, atomic_dir, write_json, write_jsonl
+
+SPLITS = ("train", "validation", "test")
+
+
+# ----------------------------------------------------------------------------- prompts
 
 def question_for(title: str, template: str) -> str:
     """Fill a question template's {title} placeholder."""
@@ -26,3 +50,240 @@ def as_question(text: str, templates: list[str]) -> str:
             "what", "describe", "tell", "who", "how", "is", "does", "give", "write", "why", "which"}:
         return text
     return question_for(text, templates[0])
+
+
+def pick_templates(n: int, n_templates: int, seed: int) -> np.ndarray:
+    """Index of the question template for each of n rows, from the seed's template stream."""
+    return _rng(seed, "templates").integers(n_templates, size=n)
+
+
+def sample_indices(n_rows: int, sample_size: int | None, seed: int) -> np.ndarray:
+    """A seeded random sample of row indices (all rows when sample_size is None or too big), sorted."""
+    if sample_size is None or sample_size >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(_rng(seed, "sample").choice(n_rows, size=sample_size, replace=False))
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    # Separate streams, so changing the sample size does not change which template a row gets.
+    return np.random.default_rng([seed, {"sample": 0, "templates": 1}[stream]])
+
+
+# ----------------------------------------------------------------------------- splits
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalize_title(title: str) -> str:
+    """The key that groups near-duplicate titles: NFKC, casefolded, whitespace and punctuation dropped.
+
+    "Mog's Kittens", "MOG’S  kittens!" and "Ｍｏｇｓ Kittens" all become "mogskittens".
+    """
+    text = unicodedata.normalize("NFKC", title).casefold()
+    return _NON_WORD.sub("", text) or " ".join(text.split())
+
+
+def _unit_hash(key: str, seed: int) -> float:
+    """A stable number in [0, 1) for a key (Python's hash() changes between processes)."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_splits(titles: Sequence[str], val_fraction: float, test_fraction: float,
+                  seed: int) -> tuple[list[str], list[str]]:
+    """Split name for each title, and a note for each title moved to fill an empty split.
+
+    All titles with one normalised key share a split. A key's split comes from a hash of the key and
+    the seed: test is [0, test), validation [test, test+val), train the rest. With >= 3 keys, a split
+    with a fraction > 0 that the hash left empty gets the key nearest its range from the biggest split.
+    """
+    keys = [normalize_title(t) for t in titles]
+    bounds = {"test": (0.0, test_fraction),
+              "validation": (test_fraction, test_fraction + val_fraction),
+              "train": (test_fraction + val_fraction, 1.0)}
+    u = {k: _unit_hash(k, seed) for k in dict.fromkeys(keys)}
+    split_of = {k: next(s for s, (lo, hi) in bounds.items() if lo <= x < hi) for k, x in u.items()}
+
+    moves = []
+    if len(u) >= 3:
+        for split in ("test", "validation", "train"):
+            lo, hi = bounds[split]
+            if hi <= lo or split in split_of.values():
+                continue
+            sizes = Counter(split_of.values())
+            donors = [k for k in u if sizes[split_of[k]] > 1]
+            key = min(donors, key=lambda k: (max(lo - u[k], u[k] - hi, 0.0), k))
+            moves.append(f"title key {key!r}: {split_of[key]} -> {split} (the hash left {split} empty)")
+            split_of[key] = split
+    return [split_of[k] for k in keys], moves
+
+
+# ----------------------------------------------------------------------------- report helpers
+
+def length_stats(values: Sequence[int]) -> dict[str, float] | None:
+    """min / median / mean / p95 / max of a list of lengths (None when empty)."""
+    if len(values) == 0:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
+            "p95": round(float(np.percentile(a, 95)), 1), "max": int(a.max())}
+
+
+def _offline_tokenizer(model_cfg: ModelConfig) -> Any:
+    """The model's tokenizer from local files only (a folder, a GGUF, or the Hugging Face cache)."""
+    from prodtune.models import load_tokenizer, local_model_path
+
+    path = local_model_path(model_cfg)
+    if not Path(path).expanduser().is_dir():
+        from huggingface_hub import snapshot_download
+
+        # Never reach the network from the format stage: use the hub cache or give up.
+        path = snapshot_download(path, local_files_only=True)
+    return load_tokenizer(model_cfg, path=str(path))
+
+
+def token_lengths(tokenizer: Any, prompts: list[list[dict[str, str]]],
+                  completions: list[list[dict[str, str]]]) -> tuple[list[int], list[int]]:
+    """Prompt and completion lengths in tokens, counted the way TRL's SFTTrainer does:
+    the prompt with the generation prompt, the completion as the rest of the full conversation."""
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    prompt_texts = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+    full_texts = tokenizer.apply_chat_template([p + c for p, c in zip(prompts, completions)],
+                                               tokenize=False)
+    prompt_n = count(prompt_texts)
+    return prompt_n, [f - p for f, p in zip(count(full_texts), prompt_n)]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _read_clean(path: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UserError(f"'{path}' not found: run 'prodtune clean' first (same --config and overrides)")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"'{path}' is not a readable parquet file ({e}); rerun 'prodtune clean'") from None
+    missing = {"uid", "title", "content"} - set(table.column_names)
+    if missing:
+        raise UserError(f"'{path}' lacks columns {sorted(missing)}; rerun 'prodtune clean'")
+    if table.num_rows == 0:
+        raise UserError(f"'{path}' has no rows: cleaning dropped everything; see clean/clean_report.json "
+                        "and loosen the data.* cleaning rules")
+    return table.select(["uid", "title", "content"])
+
+
+def format_rows(rows: list[dict[str, str]], data: DataConfig) -> tuple[dict[str, list[dict]], dict]:
+    """Turn sampled clean rows into prompt-completion rows per split, and the facts for the report."""
+    picks = pick_templates(len(rows), len(data.question_templates), data.seed)
+    splits, moves = assign_splits([r["title"] for r in rows], data.val_fraction, data.test_fraction, data.seed)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row, pick, split in zip(rows, picks, splits):
+        question = question_for(row["title"], data.question_templates[pick])
+        out[split].append({
+            "prompt": build_prompt(question, data.system_prompt),
+            "completion": [{"role": "assistant", "content": row["content"]}],
+            "title": row["title"],
+            "uid": row["uid"],
+        })
+    usage = Counter(int(p) for p in picks)
+    templates = {t: usage[i] for i, t in enumerate(data.question_templates)}
+    return out, {"template_usage": templates, "split_moves": moves}
+
+
+def _split_facts(out: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    n_rows = sum(len(v) for v in out.values()) or 1
+    titles = {s: {normalize_title(r["title"]) for r in rows} for s, rows in out.items()}
+    n_titles = sum(len(t) for t in titles.values()) or 1
+    return {s: {"rows": len(out[s]), "titles": len(titles[s]),
+                "row_fraction": round(len(out[s]) / n_rows, 4),
+                "title_fraction": round(len(titles[s]) / n_titles, 4)} for s in SPLITS}
+
+
+def _length_report(out: dict[str, list[dict]], cfg: Config) -> dict[str, Any]:
+    rows = [r for s in SPLITS for r in out[s]]
+    prompts = [r["prompt"] for r in rows]
+    completions = [r["completion"] for r in rows]
+    report: dict[str, Any] = {"chars": {
+        "prompt": length_stats([sum(len(m["content"]) for m in p) for p in prompts]),
+        "completion": length_stats([len(c[0]["content"]) for c in completions]),
+    }}
+    if not cfg.data.count_tokens:
+        report["tokens"] = None
+        report["tokens_skipped"] = "data.count_tokens is false"
+        return report
+    try:
+        tokenizer = _offline_tokenizer(cfg.model)
+    except Exception as e:  # token counts are a nicety: any failure is recorded, never fatal
+        report["tokens"] = None
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        report["tokens_skipped"] = (f"tokenizer of '{cfg.model.name_or_path}' not available offline "
+                                    f"({type(e).__name__}: {first[:160]})")
+        return report
+    prompt_n, completion_n = token_lengths(tokenizer, prompts, completions)
+    total = [p + c for p, c in zip(prompt_n, completion_n)]
+    report["tokens"] = {
+        "tokenizer": cfg.model.name_or_path,
+        "prompt": length_stats(prompt_n),
+        "completion": length_stats(completion_n),
+        "total": length_stats(total),
+        "over_train_max_length": sum(t > cfg.train.max_length for t in total),
+        "train_max_length": cfg.train.max_length,
+    }
+    return report
+
+
+def format_stage(cfg: Config) -> dict[str, Any]:
+    """Stage 2: clean/clean.parquet -> format/{train,validation,test}.jsonl and format_report.json."""
+    paths = RunPaths(cfg.run_dir)
+    save_config(cfg, paths.config)
+    data = cfg.data
+    table = _read_clean(paths.clean_parquet)
+    idx = sample_indices(table.num_rows, data.sample_size, data.seed)
+    rows = table.take(idx).to_pylist() if len(idx) < table.num_rows else table.to_pylist()
+
+    out, facts = format_rows(rows, data)
+    report: dict[str, Any] = {
+        "input": str(paths.clean_parquet),
+        "clean_rows": table.num_rows,
+        "sample_size": data.sample_size,
+        "rows": len(rows),
+        "seed": data.seed,
+        "target_fractions": {"validation": data.val_fraction, "test": data.test_fraction},
+        "splits": _split_facts(out),
+        "split_moves": facts["split_moves"],
+        "template_usage": facts["template_usage"],
+        "system_prompt": data.system_prompt,
+        "lengths": _length_report(out, cfg),
+        "data_hash": section_hash(data),
+        "outputs": {s: str(paths.split(s)) for s in SPLITS} | {"report": str(paths.format_report)},
+    }
+    report["summary"] = _summary(report)
+    # Build the whole folder under a temporary name: splits and report change together or not at all.
+    with atomic_dir(paths.format) as tmp:
+        for split in SPLITS:
+            write_jsonl(tmp / paths.split(split).name, out[split])
+        write_json(tmp / paths.format_report.name, report)
+    return report
+
+
+def _summary(report: dict[str, Any]) -> str:
+    sampled = ("all" if report["rows"] == report["clean_rows"]
+               else f"a seeded sample (seed {report['seed']}) of")
+    lines = [f"format: {report['rows']} prompt-completion rows from {sampled} {report['clean_rows']} clean rows"]
+    for split in SPLITS:
+        f = report["splits"][split]
+        lines.append(f"  {split:<10} {f['rows']:>7} rows {f['titles']:>7} titles "
+                     f"({f['row_fraction']:.1%})  {report['outputs'][split]}")
+    tokens = report["lengths"]["tokens"]
+    if tokens:
+        lines.append(f"  tokens per example: median {tokens['total']['median']:.0f}, "
+                     f"max {tokens['total']['max']}; {tokens['over_train_max_length']} over "
+                     f"train.max_length={tokens['train_max_length']}")
+    else:
+        lines.append(f"  tokens not counted: {report['lengths']['tokens_skipped']}")
+    lines.append(f"  report: {report['outputs']['report']}")
+    return "\n".join(lines)
