@@ -1,0 +1,217 @@
+"""Answers from the base and the tuned model: batched, left-padded, greedy by default.
+
+One model lives in memory: the base with the LoRA adapter attached by PEFT. The base answers
+inside `with model.disable_adapter():`, the tuned model with the adapter on, so comparing the two
+costs one load, not two.
+
+    model, tok = load_model(cfg.model, paths.adapter)
+    with model.disable_adapter():
+        base = generate(model, tok, prompts, cfg.eval, desc="base")
+    tuned = generate(model, tok, prompts, cfg.eval, desc="tuned")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prodtune.config import EvalConfig, ModelConfig
+from prodtune.errors import UserError
+
+# Tokens that end an assistant turn in common chat templates. generation_config.eos_token_id
+# often lists only <|endoftext|>; without these a chat model talks past the end of its turn.
+END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Generated:
+    """What came back for each prompt, in the prompts' order."""
+
+    answers: list[str]
+    """The decoded answer, up to (not including) the end-of-turn token."""
+    stopped: list[bool]
+    """True when the answer ended on an end-of-turn token, False when it hit max_new_tokens."""
+    new_tokens: list[int]
+    """Generated tokens per answer (end-of-turn token included)."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_dtype(name: str) -> Any:
+    """auto = bf16 on GPUs that support it, fp16 on older GPUs, float32 on a CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(model_cfg: ModelConfig, adapter: str | Path | None) -> tuple[Any, Any]:
+    """The base model (4-bit when configured) with the adapter attached, and its tokenizer.
+
+    The tokenizer comes from the adapter folder when training saved one there (it carries the
+    chat template training used); otherwise from the base model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prodtune.models import load_tokenizer, local_model_path
+
+    path = local_model_path(model_cfg)
+    dtype = resolve_dtype(model_cfg.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tok_path = None
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"no trained adapter in '{adapter}' (adapter_config.json missing): "
+                            "run 'prodtune train' first, or pass --base for the base model")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if (adapter / "tokenizer_config.json").is_file():
+            tok_path = str(adapter)
+    tokenizer = load_tokenizer(model_cfg, tok_path or path)
+    model.eval()
+    return model, tokenizer
+
+
+def adapter_off(model: Any) -> contextlib.AbstractContextManager:
+    """Context in which a PEFT model answers as its base; a plain model is its own base."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- prompts and stops
+
+def encode_prompts(tokenizer: Any, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Chat-template token ids ending with the assistant header, exactly as training tokenizes them."""
+    return [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]) for p in prompts]
+
+
+def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """eos ids of the model's generation config and tokenizer, plus any end-of-turn token it knows."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    return sorted(set(int(i) for i in ids))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int],
+                 batch_size: int, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 min_new_tokens: int = 0, desc: str = "generate") -> list[list[int]]:
+    """New token ids for each prompt (order kept), generated in left-padded batches.
+
+    Prompts are sorted by length so each batch pads little; the longest batch goes first so an
+    out-of-memory error shows up at once rather than at the end.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if do_sample:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                                      do_sample=do_sample, pad_token_id=pad_id,
+                                      eos_token_id=stop_ids or None)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # silence warnings about sampling settings a model's generation_config may carry
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="prompt") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(prompt_ids[i]) for i in idx)
+            # Left padding: every prompt ends at the same position, so the new tokens line up.
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids = prompt_ids[i]
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention[row, width - len(ids):] = 1
+            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  **gen_kwargs)
+            for row, i in enumerate(idx):
+                out[i] = seqs[row, width:].tolist()
+            bar.update(len(idx))
+    return out
+
+
+def trim_at_stop(ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """The answer's tokens before the first stop token, and whether a stop token came."""
+    stops = set(stop_ids)
+    for k, t in enumerate(ids):
+        if t in stops:
+            return ids[:k], True
+    return ids, False
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], eval_cfg: EvalConfig,
+             desc: str = "generate") -> Generated:
+    """Answers to chat prompts (lists of messages) with whether each ended on end-of-turn."""
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    new = generate_ids(model, encode_prompts(tokenizer, prompts), pad_id=pad_id, stop_ids=stops,
+                       batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
+                       do_sample=eval_cfg.do_sample, temperature=eval_cfg.temperature,
+                       top_p=eval_cfg.top_p, seed=eval_cfg.seed, desc=desc)
+    answers, stopped, counts = [], [], []
+    for ids in new:
+        # Finished rows are padded with pad_id after their stop token; trimming at the stop drops it.
+        kept, ended = trim_at_stop(ids, stops)
+        answers.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        stopped.append(ended)
+        counts.append(len(kept) + int(ended))
+    return Generated(answers, stopped, counts)
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]],
+                     eval_cfg: EvalConfig, desc: str = "generate") -> list[str]:
+    """Answers to chat prompts, in order (see `generate` for whether each ended properly)."""
+    return generate(model, tokenizer, prompts, eval_cfg, desc).answers
+
+
+# ----------------------------------------------------------------------------- ask
+
+def ask(question: str, run_dir: str | Path, base: bool = False, max_new_tokens: int | None = None) -> str:
+    """One answer from the tuned (or base) model of a finished run, for trying it by hand."""
+    from dataclasses import replace
+
+    from prodtune.config import load_config
+    from prodtune.io import RunPaths
+    from prodtune.prompts import as_question, build_prompt
+
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file():
+        raise UserError(f"'{paths.config}' not found: is '{run_dir}' a run folder (e.g. outputs/demo)?")
+    cfg = load_config(paths.config)
+    eval_cfg = replace(cfg.eval, batch_size=1)
+    if max_new_tokens is not None:
+        eval_cfg.max_new_tokens = max_new_tokens
+    model, tokenizer = load_model(cfg.model, None if base else paths.adapter)
+    prompt = build_prompt(as_question(question, cfg.data.question_templates), cfg.data.system_prompt)
+    return generate(model, tokenizer, [prompt], eval_cfg, desc="base" if base else "tuned").answers[0]
