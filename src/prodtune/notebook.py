@@ -1,0 +1,442 @@
+"""Helpers the three notebooks call, so their cells stay one line per step.
+
+    ENV = setup(use_drive=False)                           # Colab or local: folders, error display
+    cfg = config_from_file("configs/demo.yaml", {"data.min_content_chars": 20, ...})   # tratar-dados
+    cfg = config_from_run(OUTPUT_DIR, {"lora.r": 16, ...}, needs="format")           # the next two
+
+The notebooks hand off through the run folder exactly as the CLI stages do: the first builds its
+config from a config file, the later ones from the run folder's config.yaml (written by every
+stage), each with the notebook's inline parameters on top. What a notebook needs from the one
+before is checked up front, with a message naming the notebook to run first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from prodtune.config import Config, config_from_dict, to_dict
+from prodtune.errors import UserError
+from prodtune.io import RunPaths
+
+COLAB_REPO = Path("/content/prodtune")  # where the notebooks' first cell clones the repository in Colab
+DRIVE_MOUNT = Path("/content/drive")
+
+# What each stage leaves in the run folder, and which notebook (and CLI command) makes it.
+NEEDS: dict[str, tuple[str, str, list[str]]] = {
+    "clean": ("tratar-dados.ipynb", "prodtune clean", ["clean_parquet", "clean_report"]),
+    "format": ("transforma-em-json.ipynb", "prodtune format", ["split:train", "split:validation",
+                                                                "split:test", "format_report"]),
+    "train": ("treino-e-teste.ipynb (the training step)", "prodtune train",
+              ["adapter/adapter_config.json", "train_report"]),
+}
+
+
+# ----------------------------------------------------------------------------- environment
+
+@dataclass
+class Env:
+    """Where the notebook runs and where its data and run folders live."""
+
+    colab: bool
+    """Running in Google Colab."""
+    drive: bool
+    """Data and run folders are on the mounted Google Drive."""
+    root: Path
+    """The repository (the working directory: configs/ and data/sample/ are relative to it)."""
+    data_dir: Path
+    """Raw data folder: data/ locally, <Drive>/prodtune/data with USE_DRIVE."""
+    runs_dir: Path
+    """Parent of the run folders: outputs/ locally, <Drive>/prodtune/outputs with USE_DRIVE."""
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def _repo_root() -> Path:
+    """The checkout the notebooks belong to: the working directory, else the package's source tree."""
+    cwd = Path.cwd()
+    if (cwd / "configs").is_dir():
+        return cwd
+    if in_colab() and COLAB_REPO.is_dir():
+        return COLAB_REPO
+    src_tree = Path(__file__).resolve().parents[2]  # src/prodtune/notebook.py -> the checkout
+    return src_tree if (src_tree / "configs").is_dir() else cwd
+
+
+def setup(use_drive: bool = False, drive_folder: str = "prodtune") -> Env:
+    """Prepare a notebook: cd to the repository, mount Google Drive when asked (Colab only),
+    and show prodtune's UserErrors as one line instead of a traceback."""
+    root = _repo_root()
+    os.chdir(root)
+    colab = in_colab()
+    data_dir, runs_dir = Path("data"), Path("outputs")
+    if use_drive and not colab:
+        print("USE_DRIVE is only for Colab; using the local data/ and outputs/ folders")
+    elif use_drive:
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount(str(DRIVE_MOUNT))
+        base = DRIVE_MOUNT / "MyDrive" / drive_folder
+        data_dir, runs_dir = base / "data", base / "outputs"
+        if not (data_dir / "sample").exists():  # the demo should run from Drive too
+            shutil.copytree(root / "data" / "sample", data_dir / "sample")
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    _show_user_errors_briefly()
+    where = "Google Colab" if colab else "local"
+    print(f"prodtune notebook ({where}): working in {root}; data in {data_dir}, runs in {runs_dir}")
+    return Env(colab=colab, drive=use_drive and colab, root=root, data_dir=data_dir, runs_dir=runs_dir)
+
+
+def _show_user_errors_briefly() -> None:
+    """A UserError stops the cell (and 'Run all') but prints one line, as the CLI does."""
+    try:
+        ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
+    except NameError:
+        return
+
+    def handler(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
+        message = f"UserError: {value}"
+        print(message, file=sys.stderr)
+        return [message]
+
+    ip.set_custom_exc((UserError,), handler)
+
+
+# ----------------------------------------------------------------------------- config
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"notebook parameter '{key}': '{part}' is not a config section")
+    node[last] = str(value) if isinstance(value, Path) else value
+
+
+def _get_dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "(default)"
+        node = node[part]
+    return node
+
+
+def _with_params(raw: dict[str, Any], params: dict[str, Any], source: str) -> Config:
+    """Apply {dotted.key: value} on top of a raw config dict, build it, and say what changed."""
+    before = json.loads(json.dumps(raw, default=str))
+    for key, value in params.items():
+        _set_dotted(raw, key, value)
+    cfg = config_from_dict(raw, source)
+    after = to_dict(cfg)
+    changed = [f"{k}: {_get_dotted(before, k)!r} -> {_get_dotted(after, k)!r}"
+               for k in params if _get_dotted(before, k) != _get_dotted(after, k)]
+    print(f"config: {source}" + (" with the parameters above" if params else ""))
+    if changed:
+        print("  changed by this notebook: " + "; ".join(changed))
+    print(f"  run folder: {cfg.run_dir}")
+    return cfg
+
+
+def config_from_file(path: str | Path, params: dict[str, Any] | None = None) -> Config:
+    """The first notebook's config: a YAML config file with the notebook's parameters on top.
+
+    `params` maps dotted keys to values, e.g. {"output_dir": OUTPUT_DIR, "lora.r": 16}.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' not found (working in {Path.cwd()}); "
+                        "set CONFIG to a file in configs/, e.g. configs/demo.yaml")
+    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file '{p}': the top level must be a mapping of sections")
+    return _with_params(raw, dict(params or {}), str(p))
+
+
+def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None,
+                    needs: Literal["clean", "format", "train"] = "clean") -> Config:
+    """A later notebook's config: the run folder's config.yaml (saved by the notebook before)
+    with this notebook's parameters on top; checks that the previous stage's outputs exist."""
+    run = RunPaths(output_dir)
+    if not run.config.is_file():
+        notebook, command, _ = NEEDS["clean"]
+        raise UserError(f"no run in '{run.root}' (config.yaml missing): run {notebook} first with "
+                        f"OUTPUT_DIR = '{run.root}' (or '{command} --config ...'), or fix OUTPUT_DIR")
+    require(run.root, needs)
+    raw = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    params = {"output_dir": str(output_dir), **(params or {})}
+    return _with_params(raw, params, str(run.config))
+
+
+def require(run_dir: str | Path, stage: Literal["clean", "format", "train"]) -> None:
+    """Raise a UserError naming the notebook to run first when a stage's outputs are missing."""
+    run = RunPaths(run_dir)
+    notebook, command, files = NEEDS[stage]
+    missing = []
+    for name in files:
+        if name.startswith("split:"):
+            path = run.split(name.split(":", 1)[1])
+        elif "/" in name:
+            head, rest = name.split("/", 1)
+            path = getattr(run, head) / rest
+        else:
+            path = getattr(run, name)
+        if not path.exists():
+            missing.append(str(path))
+    if missing:
+        raise UserError(f"the {stage} stage's outputs are missing in '{run.root}' ({', '.join(missing)}): "
+                        f"run {notebook} first (or '{command}'), with the same OUTPUT_DIR")
+
+
+# ----------------------------------------------------------------------------- display
+
+def _display(obj: Any) -> None:
+    try:
+        from IPython.display import display
+
+        display(obj)
+    except ImportError:
+        print(obj)
+
+
+def _markdown(text: str) -> None:
+    try:
+        from IPython.display import Markdown
+
+        _display(Markdown(text))
+    except ImportError:
+        print(text)
+
+
+def _short(text: Any, n: int = 300) -> str:
+    text = "" if text is None else str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _table(rows: list[dict[str, Any]] | dict[str, Any], **kwargs: Any) -> Any:
+    import pandas as pd
+
+    if isinstance(rows, dict):
+        return pd.DataFrame(list(rows.items()), columns=kwargs.pop("columns", ["", "value"]))
+    return pd.DataFrame(rows, **kwargs)
+
+
+def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if k in d:
+            return d[k]
+    return default
+
+
+def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -> None:
+    """The clean report as tables: rows read/kept/dropped per rule, examples of each rule, clean rows."""
+    import pandas as pd
+
+    read = _first(report, "rows_read", "read")
+    kept = _first(report, "rows_kept", "kept")
+    dropped = _first(report, "dropped", "dropped_by_rule", default={}) or {}
+    rows = [{"": "rows read", "rows": read}]
+    rows += [{"": f"dropped: {rule}", "rows": n} for rule, n in dropped.items()]
+    rows += [{"": "rows kept", "rows": kept}]
+    changed = _first(report, "changed", "modified", "changed_by_rule", default={}) or {}
+    rows += [{"": f"changed: {rule}", "rows": n} for rule, n in changed.items()]
+    _markdown("**Rows read, dropped per rule, kept** (`clean/clean_report.json`)")
+    _display(pd.DataFrame(rows).set_index(""))
+    ex = _first(report, "examples", default={}) or {}
+    ex_rows = [{"rule": rule, **{k: _short(v, 160) for k, v in (e if isinstance(e, dict) else {"row": e}).items()}}
+               for rule, items in ex.items() for e in list(items)[:examples]]
+    if ex_rows:
+        _markdown(f"**Examples of each rule** (up to {examples} per rule)")
+        _display(pd.DataFrame(ex_rows).fillna(""))
+    parquet = RunPaths(run_dir).clean_parquet
+    if parquet.is_file():
+        _markdown(f"**The first clean rows** (`{parquet}`)")
+        head = pd.read_parquet(parquet).head(5)
+        _display(head.assign(content=head["content"].map(lambda t: _short(t, 200))))
+
+
+def show_format(report: dict[str, Any], run_dir: str | Path, n: int = 3, cfg: Config | None = None) -> None:
+    """Split sizes, length statistics, a few formatted examples and one as the model sees it."""
+    import pandas as pd
+
+    _markdown("**Splits** (no normalised title is in two splits)")
+    _display(pd.DataFrame(report.get("splits", {})).T)
+    lengths = report.get("lengths", {})
+    stats = {f"{unit}: {part}": s for unit in ("chars", "tokens") if lengths.get(unit)
+             for part, s in lengths[unit].items() if isinstance(s, dict)}
+    if stats:
+        _markdown("**Lengths** (characters; tokens with the model's tokenizer)")
+        _display(pd.DataFrame(stats).T)
+    rows = _read_jsonl_head(RunPaths(run_dir).split("train"), n)
+    _markdown(f"**{len(rows)} formatted training examples** (`format/train.jsonl`)")
+    _display(pd.DataFrame([{
+        "system": _short(next((m["content"] for m in r["prompt"] if m["role"] == "system"), ""), 80),
+        "question (user)": r["prompt"][-1]["content"],
+        "answer (assistant)": _short(r["completion"][0]["content"], 300)} for r in rows]))
+    if rows and cfg is not None:
+        _show_chat_text(rows[0], cfg)
+
+
+def _read_jsonl_head(path: Path, n: int) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(rows) >= n:
+                break
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _show_chat_text(row: dict[str, Any], cfg: Config) -> None:
+    """One example through the model's chat template: the exact text training sees."""
+    try:
+        from prodtune.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.model)
+        text = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    except Exception as e:  # a preview only: a model that is not available offline is fine here
+        print(f"(chat template preview skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        return
+    _markdown(f"**The first example as the model sees it** ({cfg.model.name_or_path} chat template)")
+    print(text)
+
+
+def show_train(report: dict[str, Any], run_dir: str | Path) -> None:
+    """Training figures (steps, losses, speed, memory) and the loss curve (train/loss.png)."""
+    flat = {k: v for k, v in report.items() if not isinstance(v, (dict, list)) and k != "summary"}
+    _markdown("**Training** (`train/train_report.json`)")
+    _display(_table(flat).set_index(""))
+    show_image(RunPaths(run_dir).loss_png, "Loss curve: training and validation loss by step")
+
+
+def show_image(path: str | Path, caption: str = "") -> None:
+    """Show a PNG if it exists (or say it is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        print(f"({path} not found)")
+        return
+    from IPython.display import Image
+
+    if caption:
+        _markdown(f"**{caption}** (`{path}`)")
+    _display(Image(filename=str(path)))
+
+
+def metrics_table(metrics: dict[str, Any]) -> Any:
+    """metrics.json as a table: one row per metric, base / tuned / tuned − base with 95% intervals."""
+    import pandas as pd
+
+    def cell(m: dict[str, Any] | None) -> str:
+        if not m or m.get("mean") is None:
+            return ""
+        lo, hi = (m.get("ci95") or [None, None])[:2]
+        ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+        return f"{m['mean']:.4g}{ci}"
+
+    names = list(dict.fromkeys([*metrics.get("base", {}), *metrics.get("tuned", {})]))
+    rows = [{"metric": k, "base": cell(metrics.get("base", {}).get(k)),
+             "tuned": cell(metrics.get("tuned", {}).get(k)),
+             "tuned − base": cell(metrics.get("diff", {}).get(k))} for k in names]
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def metrics_chart(metrics: dict[str, Any]) -> Any:
+    """One small panel per metric: base and tuned means with their 95% intervals."""
+    import matplotlib.pyplot as plt
+
+    names = [k for k in metrics.get("base", {}) if isinstance(metrics["base"][k], dict)
+             and metrics["base"][k].get("mean") is not None and k in metrics.get("tuned", {})]
+    cols = min(4, max(1, len(names)))
+    rows = (len(names) + cols - 1) // cols or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for x, (model, color) in enumerate((("base", "#888888"), ("tuned", "#1f77b4"))):
+            m = metrics[model][name]
+            lo, hi = (m.get("ci95") or [m["mean"], m["mean"]])[:2]
+            ax.bar(x, m["mean"], color=color, width=0.6)
+            ax.errorbar(x, m["mean"], yerr=[[m["mean"] - lo], [hi - m["mean"]]], color="black", capsize=4)
+        ax.set_xticks([0, 1], ["base", "tuned"])
+        ax.set_title(name, fontsize=10)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"base vs tuned on {metrics.get('n', '?')} held-out items (bars: mean, whiskers: 95% CI)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def show_compare(run_dir: str | Path) -> None:
+    """The metric table and chart of compare/metrics.json, and where the full report is."""
+    import matplotlib.pyplot as plt
+
+    paths = RunPaths(run_dir)
+    if not paths.metrics_json.is_file():
+        raise UserError(f"'{paths.metrics_json}' not found: run the comparison step above first")
+    metrics = json.loads(paths.metrics_json.read_text(encoding="utf-8"))
+    _markdown(f"**Metrics on {metrics.get('n', '?')} held-out test items** (mean [95% bootstrap interval]; "
+              "an interval of tuned − base above zero means the tuned model is better on that metric)")
+    _display(metrics_table(metrics))
+    fig = metrics_chart(metrics)
+    _display(fig)
+    plt.close(fig)
+    if paths.report_html.is_file():
+        print(f"full report (opens offline in a browser): {paths.report_html}")
+
+
+def _answer_columns(columns: list[str]) -> tuple[str | None, str | None, str | None, str | None]:
+    """(question, reference, base answer, tuned answer) columns of answers.csv, by name."""
+    def find(*words: str, avoid: tuple[str, ...] = ()) -> str | None:
+        for c in columns:
+            low = c.lower()
+            if all(w in low for w in words) and not any(a in low for a in avoid):
+                return c
+        return None
+
+    question = find("question") or find("prompt")
+    reference = find("reference")
+    base = find("base", "answer") or find("base", avoid=("_", " "))
+    tuned = find("tuned", "answer") or find("tuned", avoid=("_", " "))
+    return question, reference, base, tuned
+
+
+def side_by_side(run_dir: str | Path, n: int = 10, width: int = 300) -> Any:
+    """Base and tuned answers next to the reference for the first n test items (compare/answers.csv)."""
+    import pandas as pd
+
+    path = RunPaths(run_dir).answers_csv
+    if not path.is_file():
+        raise UserError(f"'{path}' not found: run the comparison step above first")
+    df = pd.read_csv(path)
+    cols = [c for c in _answer_columns(list(df.columns)) if c]
+    scores = [c for c in df.columns if c not in cols and pd.api.types.is_numeric_dtype(df[c])][:4]
+    view = df[cols + scores].head(n).copy()
+    for c in cols:
+        view[c] = view[c].map(lambda t: _short(t, width))
+    styler = view.style.set_properties(**{"text-align": "left", "white-space": "pre-wrap",
+                                          "vertical-align": "top"})
+    return styler.format(precision=3, subset=scores) if scores else styler
+
+
+def ask_both(question: str, run_dir: str | Path, max_new_tokens: int | None = None) -> Any:
+    """One question to the base and the tuned model of a run, answers side by side."""
+    import pandas as pd
+
+    from prodtune.generate import ask
+
+    require(run_dir, "train")
+    answers = {which: ask(question, run_dir, base=(which == "base"), max_new_tokens=max_new_tokens)
+               for which in ("base", "tuned")}
+    return pd.DataFrame([answers], index=[question]).style.set_properties(
+        **{"text-align": "left", "white-space": "pre-wrap", "vertical-align": "top"})
