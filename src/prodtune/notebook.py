@@ -352,34 +352,13 @@ def metrics_table(metrics: dict[str, Any]) -> Any:
     return pd.DataFrame(rows).set_index("metric")
 
 
-def metrics_chart(metrics: dict[str, Any]) -> Any:
-    """One small panel per metric: base and tuned means with their 95% intervals."""
-    import matplotlib.pyplot as plt
-
-    names = [k for k in metrics.get("base", {}) if isinstance(metrics["base"][k], dict)
-             and metrics["base"][k].get("mean") is not None and k in metrics.get("tuned", {})]
-    cols = min(4, max(1, len(names)))
-    rows = (len(names) + cols - 1) // cols or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for x, (model, color) in enumerate((("base", "#888888"), ("tuned", "#1f77b4"))):
-            m = metrics[model][name]
-            lo, hi = (m.get("ci95") or [m["mean"], m["mean"]])[:2]
-            ax.bar(x, m["mean"], color=color, width=0.6)
-            ax.errorbar(x, m["mean"], yerr=[[m["mean"] - lo], [hi - m["mean"]]], color="black", capsize=4)
-        ax.set_xticks([0, 1], ["base", "tuned"])
-        ax.set_title(name, fontsize=10)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle(f"base vs tuned on {metrics.get('n', '?')} held-out items (bars: mean, whiskers: 95% CI)",
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def show_compare(run_dir: str | Path) -> None:
     """The metric table and chart of compare/metrics.json, and where the full report is."""
-    import matplotlib.pyplot as plt
+    import base64
+
+    from IPython.display import Image
+
+    from prodtune.report import metrics_chart
 
     paths = RunPaths(run_dir)
     if not paths.metrics_json.is_file():
@@ -388,27 +367,10 @@ def show_compare(run_dir: str | Path) -> None:
     _markdown(f"**Metrics on {metrics.get('n', '?')} held-out test items** (mean [95% bootstrap interval]; "
               "an interval of tuned − base above zero means the tuned model is better on that metric)")
     _display(metrics_table(metrics))
-    fig = metrics_chart(metrics)
-    _display(fig)
-    plt.close(fig)
+    _markdown("**Base and tuned, mean and 95% interval per metric** (the chart of `compare/report.html`)")
+    _display(Image(data=base64.b64decode(metrics_chart(metrics))))
     if paths.report_html.is_file():
         print(f"full report (opens offline in a browser): {paths.report_html}")
-
-
-def _answer_columns(columns: list[str]) -> tuple[str | None, str | None, str | None, str | None]:
-    """(question, reference, base answer, tuned answer) columns of answers.csv, by name."""
-    def find(*words: str, avoid: tuple[str, ...] = ()) -> str | None:
-        for c in columns:
-            low = c.lower()
-            if all(w in low for w in words) and not any(a in low for a in avoid):
-                return c
-        return None
-
-    question = find("question") or find("prompt")
-    reference = find("reference")
-    base = find("base", "answer") or find("base", avoid=("_", " "))
-    tuned = find("tuned", "answer") or find("tuned", avoid=("_", " "))
-    return question, reference, base, tuned
 
 
 def side_by_side(run_dir: str | Path, n: int = 10, width: int = 300) -> Any:
@@ -418,11 +380,11 @@ def side_by_side(run_dir: str | Path, n: int = 10, width: int = 300) -> Any:
     path = RunPaths(run_dir).answers_csv
     if not path.is_file():
         raise UserError(f"'{path}' not found: run the comparison step above first")
-    df = pd.read_csv(path)
-    cols = [c for c in _answer_columns(list(df.columns)) if c]
-    scores = [c for c in df.columns if c not in cols and pd.api.types.is_numeric_dtype(df[c])][:4]
-    view = df[cols + scores].head(n).copy()
-    for c in cols:
+    df = pd.read_csv(path, keep_default_na=False)
+    text = [c for c in ("title", "reference", "base_answer", "tuned_answer") if c in df.columns]
+    scores = [c for c in ("base_rouge_l", "tuned_rouge_l") if c in df.columns]
+    view = df[text + scores].head(n).copy()
+    for c in text:
         view[c] = view[c].map(lambda t: _short(t, width))
     styler = view.style.set_properties(**{"text-align": "left", "white-space": "pre-wrap",
                                           "vertical-align": "top"})
