@@ -1,0 +1,94 @@
+"""The reports: markup in any field is escaped, the page is self-contained, the tables are complete."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prodtune.evaluate import mean_statistic, summarize
+from prodtune.io import RunPaths
+from prodtune.report import fmt, render_html, render_markdown, verdict, write_reports
+
+PAYLOAD = '<script>alert("x")</script>'
+
+
+def _inputs(n: int = 5):
+    rng = np.random.default_rng(0)
+    scores = {k: rng.random(n) for k in ("rouge_l", "chrf", "embedding_cosine", "stop_rate")}
+    metrics = summarize({k: mean_statistic(v) for k, v in scores.items()},
+                        {k: mean_statistic(v + 0.5) for k, v in scores.items()}, n, 100, 0)
+    table = pd.DataFrame({
+        "uid": [f"u{i}" for i in range(n)],
+        "title": [f"Title {i} {PAYLOAD}" for i in range(n)],
+        "question": [f"Describe '{PAYLOAD}' <b>now</b>" for _ in range(n)],
+        "reference": [f"Ref & <img src=x onerror=alert(1)> {PAYLOAD} | pipe" for _ in range(n)],
+        "base_answer": [f"base {PAYLOAD}" for _ in range(n)],
+        "tuned_answer": [f"tuned </td></tr></table>{PAYLOAD}" for _ in range(n)],
+    })
+    for k, v in scores.items():
+        table[f"base_{k}"], table[f"tuned_{k}"] = v, v + 0.5
+    info = {"run": f"run {PAYLOAD}", "model": PAYLOAD, "decoding": "greedy", "max_new_tokens": 8,
+            "bootstrap_samples": 100}
+    log = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}]
+    return metrics, table, info, log
+
+
+def test_html_escapes_every_field():
+    metrics, table, info, log = _inputs()
+    page = render_html(metrics, table, info, log)
+    assert PAYLOAD not in page
+    assert page.count("<script") == 1  # only the page's own search/sort script
+    assert "<img src=x" not in page and "</td></tr></table><" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    # every item is in the table, in order
+    for i in range(len(table)):
+        assert f"Title {i} &lt;script&gt;" in page
+
+
+def test_html_is_self_contained():
+    page = render_html(*_inputs())
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # no CDN, no remote image
+    assert page.count("data:image/png;base64,") == 2  # metric chart + loss curves
+    assert 'id="search"' in page and "sort(" in page
+
+
+def test_html_without_training_log_says_so():
+    metrics, table, info, _ = _inputs()
+    page = render_html(metrics, table, info, [])
+    assert page.count("data:image/png;base64,") == 1 and "No training log" in page
+
+
+def test_markdown_escapes_markup_and_lists_metrics():
+    metrics, table, info, _ = _inputs()
+    md = render_markdown(metrics, table, info)
+    assert "<script>" not in md and "<img" not in md and "<b>" not in md
+    for name in ("rouge_l", "chrf", "embedding_cosine", "stop_rate"):
+        assert f"| {name} |" in md
+    assert "\\| pipe" in md  # a | inside text cannot break the table
+
+
+def test_write_reports_reads_the_training_log(tmp_path):
+    metrics, table, info, log = _inputs()
+    paths = RunPaths(tmp_path)
+    paths.train.mkdir(parents=True)
+    paths.train_log.write_text("\n".join(json.dumps(r) for r in log) + "\nnot json\n")
+    write_reports(paths, metrics, table, info)
+    assert paths.report_html.read_text().count("data:image/png;base64,") == 2
+    assert paths.report_md.read_text().startswith("# Base vs tuned")
+
+
+def test_verdict_follows_the_interval_and_direction():
+    assert verdict("rouge_l", {"mean": 0.1, "ci95": [0.05, 0.2]}) == "better"
+    assert verdict("rouge_l", {"mean": 0.1, "ci95": [-0.05, 0.2]}) == "same"
+    assert verdict("loss", {"mean": -0.3, "ci95": [-0.5, -0.1]}) == "better"
+    assert verdict("loss", {"mean": 0.3, "ci95": [0.1, 0.5]}) == "worse"
+
+
+@pytest.mark.parametrize("x, shown", [(0.12345, "0.123"), (12.345, "12.35"), (123.45, "123.5"),
+                                      (float("nan"), "–"), (None, "–")])
+def test_fmt(x, shown):
+    assert fmt(x) == shown
