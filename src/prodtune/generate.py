@@ -39,57 +39,25 @@ class Generated:
 
 # ----------------------------------------------------------------------------- loading
 
-def resolve_dtype(name: str) -> Any:
-    """auto = bf16 on GPUs that support it, fp16 on older GPUs, float32 on a CPU."""
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_model(model_cfg: ModelConfig, adapter: str | Path | None) -> tuple[Any, Any]:
     """The base model (4-bit when configured) with the adapter attached, and its tokenizer.
 
     The tokenizer comes from the adapter folder when training saved one there (it carries the
     chat template training used); otherwise from the base model.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    from prodtune import models
 
-    from prodtune.models import load_tokenizer, local_model_path
-
-    path = local_model_path(model_cfg)
-    dtype = resolve_dtype(model_cfg.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
-    if model_cfg.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tok_path = None
+    path = models.local_model_path(model_cfg)
+    tok_path = path
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"no trained adapter in '{adapter}' (adapter_config.json missing): "
                             "run 'prodtune train' first, or pass --base for the base model")
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
         if (adapter / "tokenizer_config.json").is_file():
             tok_path = str(adapter)
-    tokenizer = load_tokenizer(model_cfg, tok_path or path)
-    model.eval()
-    return model, tokenizer
+    model = models.load_model(model_cfg, "auto", adapter=adapter, path=path)
+    return model, models.load_tokenizer(model_cfg, tok_path)
 
 
 def adapter_off(model: Any) -> contextlib.AbstractContextManager:

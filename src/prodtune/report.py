@@ -108,27 +108,16 @@ def metrics_chart(metrics: dict[str, Any]) -> str:
 
 
 def loss_chart(log: list[dict[str, Any]]) -> str | None:
-    """Base64 PNG of the training and validation loss by step; None without a log."""
-    train = [(r["step"], r["loss"]) for r in log if isinstance(r.get("loss"), (int, float))]
-    val = [(r["step"], r["eval_loss"]) for r in log if isinstance(r.get("eval_loss"), (int, float))]
-    if not train and not val:
+    """Base64 PNG of the training and validation loss by step (the train stage's figure); None without a log."""
+    import tempfile
+
+    from prodtune.plots import loss_series, plot_loss
+
+    if not any(steps for steps, _ in loss_series(log).values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="#2f6fb0", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", color="#d9822b", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return _png(fig)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_loss(log, Path(tmp) / "loss.png", title="Training and validation loss")
+        return base64.b64encode(png.read_bytes()).decode("ascii")
 
 
 # ----------------------------------------------------------------------------- markdown
