@@ -216,8 +216,19 @@ def test_token_stats_with_tiny_tokenizer(tmp_path, tiny_model_dir):
     for part in ("prompt", "completion", "total"):
         assert 0 < tokens[part]["min"] <= tokens[part]["median"] <= tokens[part]["max"]
     assert tokens["total"]["max"] <= tokens["prompt"]["max"] + tokens["completion"]["max"]
+    assert tokens["rows_counted"] == 40
     assert tokens["over_train_max_length"] == 40       # every example is longer than 20 tokens
+    assert tokens["share_over_train_max_length"] == 1.0
     assert "tokens per example" in report["summary"]
+
+
+def test_token_stats_on_a_capped_sample(tmp_path, tiny_model_dir):
+    write_clean(tmp_path, n=40)
+    overrides = [f"output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", "data.token_stats_rows=10"]
+    report = format_stage(load_config(None, overrides))
+    assert report["lengths"]["tokens"]["rows_counted"] == 10
+    with pytest.raises(UserError, match="token_stats_rows"):
+        format_stage(load_config(None, [*overrides, "data.token_stats_rows=0"]))
 
 
 def test_unloadable_tokenizer_is_recorded_not_fatal(tmp_path):
