@@ -46,6 +46,8 @@ class DataConfig:
     """Raw input: trn.json JSON lines (.json/.jsonl, optionally .gz), an Alpaca JSON array, or hf:<dataset id>."""
     chunk_rows: int = 50_000
     """Rows read and cleaned per chunk; memory stays bounded by this, not by the file size."""
+    clean_workers: int = 0
+    """Processes cleaning chunks of a large input in parallel (0 = one per CPU, at most 4; 1 = none)."""
     drop_missing: bool = True
     """Drop rows whose title or content is missing, not a string, or empty."""
     strip_html: bool = True
