@@ -107,3 +107,164 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def pick_device(setting: str = "auto") -> str:
+    """'cuda' or 'cpu': auto takes the GPU when there is one; 'cuda' without one is an error."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA GPU is visible; "
+                        "set train.device=auto (or cpu) to train on the CPU")
+    return setting
+
+
+def compute_dtype(cfg: ModelConfig, device: str) -> Any:
+    """The torch dtype to compute in: model.dtype, or for auto bf16 on GPUs that have it,
+    fp16 on older GPUs (T4, V100) and float32 on a CPU."""
+    import torch
+
+    if cfg.dtype != "auto":
+        dtype = getattr(torch, cfg.dtype)
+        if device == "cpu" and dtype == torch.float16:
+            raise UserError("model.dtype float16 is not supported on a CPU; use float32 (or bfloat16)")
+        return dtype
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(cfg: ModelConfig, dtype: Any, enabled: bool | None = None) -> Any:
+    """bitsandbytes 4-bit settings for a QLoRA base; None when 4-bit is off (`enabled`,
+    or model.load_in_4bit when `enabled` is None)."""
+    if not (cfg.load_in_4bit if enabled is None else enabled):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | None = None,
+               quantize: bool | None = None, training: bool = False,
+               gradient_checkpointing: bool = False, path: str | None = None) -> Any:
+    """The base model on `device` in its compute dtype, 4-bit when model.load_in_4bit
+    (or `quantize`) says so, with a trained PEFT adapter attached when `adapter` is given.
+
+    training=True readies a 4-bit base for QLoRA (peft's prepare_model_for_kbit_training);
+    otherwise the model comes back in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    dtype = compute_dtype(cfg, device)
+    quant = quantization_config(cfg, dtype, enabled=quantize)
+    path = path or local_model_path(cfg)
+    # A device map puts each weight straight where it runs; bitsandbytes quantizes as it loads.
+    device_map = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quant, device_map=device_map,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load the model '{cfg.name_or_path}' ({str(e).splitlines()[0]}); "
+                        "check model.name_or_path, or that the hub is reachable") from None
+    if training and quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and casts its small non-4-bit weights (norms, embeddings, lm_head) to
+        # float32, as the QLoRA recipe does, so their gradients flow in full precision.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"no trained adapter in '{adapter}': run 'prodtune train' first")
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=training)
+    if not training:
+        model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- LoRA targets
+
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; the unfused names the original
+# recipe listed only exist in re-packed copies of the model.
+FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of the model's linear layers (what LoRA can target), the output head excluded."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: set[str] = set()
+    for full_name, module in model.named_modules():
+        # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; GPT-2 style models use Conv1D.
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_lora_targets(model: Any, targets: str | list[str]) -> list[str]:
+    """LoRA target module names for this model: every linear layer for 'all-linear', else the
+    given names, each checked to exist (a missing one is a UserError listing the valid names)."""
+    available = linear_module_names(model)
+    if targets == "all-linear" or targets == ["all-linear"]:
+        return available
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    wanted = list(dict.fromkeys(targets))
+    missing = [t for t in wanted if t not in available]
+    if not wanted or missing:
+        arch = type(model).__name__
+        message = (f"lora.target_modules {missing or wanted} not found in {arch}; "
+                   f"its linear modules are {available} (or use 'all-linear')")
+        fused = sorted({FUSED_NAMES[t] for t in missing if t in FUSED_NAMES} & set(available))
+        if fused:
+            fixed = [t for t in wanted if t not in FUSED_NAMES] + fused
+            message += (f". This model fuses q/k/v into qkv_proj and gate/up into gate_up_proj: "
+                        f"use lora.target_modules={sorted(set(fixed))}")
+        raise UserError(message)
+    return wanted
+
+
+def peft_lora_config(r: int, alpha: int, dropout: float, targets: list[str]) -> Any:
+    """A peft.LoraConfig for causal-LM fine-tuning on the resolved target names."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
+
+
+# ----------------------------------------------------------------------------- merging
+
+def merge_adapter(cfg: ModelConfig, adapter: str | Path, out_dir: str | Path, device: str = "auto") -> Path:
+    """Fold a LoRA adapter into its base and save a plain safetensors model + tokenizer.
+
+    A 4-bit base is reloaded in its compute dtype (not 4-bit) and merged there: a merged 4-bit
+    model cannot be saved losslessly, and serving engines want plain weights. The adapter was
+    trained against the quantized weights, so the merged model differs from base(4-bit)+adapter
+    by the quantization error, the usual QLoRA trade-off.
+    """
+    from prodtune.io import atomic_dir
+
+    model = load_model(cfg, device, adapter=adapter, quantize=False)
+    merged = model.merge_and_unload()
+    tokenizer = load_tokenizer(cfg, path=str(adapter))
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
