@@ -1,0 +1,329 @@
+"""Stage 3 (train): LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer.
+
+    train_stage(cfg)               format/{train,validation}.jsonl -> train/adapter, log.jsonl, loss.png, ...
+    train_stage(cfg, resume=True)  continue from the last complete checkpoint in train/checkpoints
+    merge_stage(cfg)               train/adapter + base -> train/merged (plain safetensors)
+
+The rows are TRL's conversational prompt-completion format, so TRL renders them with the model's
+own chat template (the one inference uses) and puts the loss on the completion only: the answer
+and the template's end-of-turn token (`<|end|>` for Phi-3, `<|im_end|>` for SmolLM2), never the
+prompt. TRL's `assistant_only_loss` is not used: it needs {% generation %} markers that SmolLM2's
+template lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prodtune import models
+from prodtune.config import Config, LoraConfig, TrainConfig, save_config
+from prodtune.errors import UserError
+from prodtune.io import RunPaths, atomic_dir, read_jsonl, write_json
+
+
+# ----------------------------------------------------------------------------- how this run trains
+
+@dataclass
+class Plan:
+    """Hardware-dependent choices, settled once from the config and the device."""
+
+    device: str
+    """'cuda' or 'cpu'."""
+    dtype: Any
+    """Compute dtype (torch.bfloat16 / float16 / float32)."""
+    speed: str
+    """Training path: 'plain' (TRL as is); issue 6 adds the faster GPU paths."""
+    packing: bool
+    """Padding-free packing of examples into max_length rows."""
+    gradient_checkpointing: bool
+    """Recompute activations in the backward pass."""
+
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
+    """Settle device, precision, speed path, packing and checkpointing for this machine."""
+    device = models.pick_device(train_cfg.device)
+    on_gpu = device == "cuda"
+    packing = on_gpu if train_cfg.packing == "auto" else bool(train_cfg.packing)
+    checkpointing = on_gpu if train_cfg.gradient_checkpointing == "auto" else bool(train_cfg.gradient_checkpointing)
+    return Plan(device=device, dtype=models.compute_dtype(model_cfg, device),
+                speed=resolve_speed(train_cfg.speed, device), packing=packing,
+                gradient_checkpointing=checkpointing)
+
+
+SPEED_PATHS = ("plain",)
+"""Training paths implemented so far; issue 6 (GPU speed) adds 'fast' and 'small'."""
+
+
+def resolve_speed(setting: str, device: str) -> str:
+    """The training path for train.speed on this device: a CPU always runs the plain path.
+
+    GPU speed (issue 6) plugs in here and in `build_trainer`: 'auto' will pick 'fast' or
+    'small' from the card's memory, and those paths swap in their collator/trainer settings.
+    """
+    if device == "cpu":
+        return "plain"
+    if setting == "auto":
+        return "plain"
+    if setting not in SPEED_PATHS:
+        raise UserError(f"train.speed={setting} is not implemented yet; use train.speed=plain (or auto)")
+    return setting
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_splits(paths: RunPaths, max_eval_samples: int | None) -> tuple[Any, Any]:
+    """format/train.jsonl and format/validation.jsonl as datasets of prompt/completion rows."""
+    from datasets import Dataset
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        # Only the conversational columns: TRL renders them with the chat template.
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(paths.split(name))]
+
+    train_rows = rows("train")
+    if not train_rows:
+        raise UserError(f"'{paths.split('train')}' has no rows: check the clean/format reports")
+    eval_rows = rows("validation") if paths.split("validation").is_file() else []
+    if max_eval_samples is not None:
+        eval_rows = eval_rows[:max_eval_samples]
+    return Dataset.from_list(train_rows), (Dataset.from_list(eval_rows) if eval_rows else None)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: bool,
+               eval_on_start: bool = False) -> Any:
+    """TRL's SFTConfig from our TrainConfig and the hardware plan."""
+    import torch
+    from trl import SFTConfig
+
+    t = train_cfg
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, optim=t.optim, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        max_length=t.max_length, packing=plan.packing,
+        completion_only_loss=True,  # prompt tokens get label -100
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        # TRL defaults bf16=True; precision must follow the hardware instead.
+        bf16=plan.dtype == torch.bfloat16, fp16=plan.dtype == torch.float16, use_cpu=plan.device == "cpu",
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        # eval_steps=0 means only at the end: the Trainer always evaluates after the last step.
+        eval_steps=(t.eval_steps or 10**9) if has_eval else None,
+        eval_on_start=eval_on_start and has_eval,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        # Padded batches carry an attention mask to count real tokens by; padding-free ones have no pads.
+        include_num_input_tokens_seen="all" if plan.packing else "non_padding",
+        report_to="none",  # TensorBoard is attached by hand to write into train/tensorboard
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_cfg: LoraConfig,
+                  train_cfg: TrainConfig, plan: Plan, output_dir: Path, callbacks: list[Any] | None = None,
+                  eval_on_start: bool = False) -> Any:
+    """An SFTTrainer with LoRA on the resolved targets; tokenizes and masks the datasets."""
+    import torch
+    from trl import SFTTrainer
+
+    targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
+    args = sft_config(train_cfg, plan, output_dir, eval_ds is not None, eval_on_start)
+    # GPU speed (issue 6): the fast/small paths change the trainer, collator or model here.
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets),
+        callbacks=callbacks)
+    if plan.dtype != torch.bfloat16:
+        # TRL stores a 4-bit base's LoRA weights in bf16 (the QLoRA paper's choice for bf16
+        # compute). With float32 (CPU) or fp16 (T4) compute they must stay float32: bf16 updates
+        # would be rounded away on the CPU, and fp16 AMP cannot unscale bf16 gradients.
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return trainer
+
+
+# ----------------------------------------------------------------------------- logging
+
+def _log_callbacks(paths: RunPaths, resume_step: int) -> list[Any]:
+    """Callbacks writing train/log.jsonl (one JSON object per log event) and TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    log_path = paths.train_log
+    # On resume, drop events past the checkpoint: those steps are trained again.
+    kept = ([r for r in read_jsonl(log_path) if r.get("step", 0) <= resume_step]
+            if resume_step and log_path.is_file() else [])
+    with open(log_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    time_offset = kept[-1]["time"] if kept else 0.0
+
+    class JsonlLog(TrainerCallback):
+        """Appends step, losses, learning rate, tokens seen and elapsed seconds per log event."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs and "eval_loss" not in logs:
+                return  # the end-of-training summary; train_report.json carries it
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                   "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
+                   "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                   "tokens_seen": state.num_input_tokens_seen,
+                   "time": round(time_offset + time.time() - self.start, 3)}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    writer = SummaryWriter(log_dir=str(paths.train / "tensorboard"))
+    return [JsonlLog(), TensorBoardCallback(tb_writer=writer)]
+
+
+def last_checkpoint(paths: RunPaths) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last), or None."""
+    folder = paths.checkpoints
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _peak_memory(device: str) -> tuple[float, str]:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux: the whole process's peak, loading included.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"
+
+
+# ----------------------------------------------------------------------------- stages
+
+def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Fine-tune LoRA adapters on format/train.jsonl; write train/adapter and the training report.
+
+    `callbacks` are extra transformers TrainerCallbacks (notebooks, tests).
+    """
+    import torch
+
+    started = time.time()
+    paths = RunPaths(cfg.run_dir)
+    save_config(cfg, paths.config)
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(paths)
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint in '{paths.checkpoints}'; "
+                            "run 'prodtune train' without --resume to start from scratch")
+    train_ds, eval_ds = load_splits(paths, cfg.train.max_eval_samples)
+    plan = make_plan(cfg.train, cfg.model)
+    if not resume and paths.checkpoints.exists():
+        print(f"prodtune: starting afresh; removing old checkpoints in {paths.checkpoints}")
+        shutil.rmtree(paths.checkpoints)
+    paths.train.mkdir(parents=True, exist_ok=True)
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    model_path = models.local_model_path(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model, model_path)
+    model = models.load_model(cfg.model, plan.device, training=True, path=model_path,
+                              gradient_checkpointing=plan.gradient_checkpointing)
+    resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg.lora, cfg.train, plan, paths.checkpoints,
+                            callbacks=_log_callbacks(paths, resume_step) + list(callbacks or []),
+                            eval_on_start=not resume)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    targets = sorted(trainer.model.peft_config["default"].target_modules)
+    print(f"prodtune: training {cfg.model.name_or_path} on {plan.device} ({plan.precision}"
+          f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(trainer.train_dataset)} examples, "
+          f"LoRA r={cfg.lora.r} on {targets}, {trainable:,} trainable of {total:,} parameters")
+
+    session_tokens_start = 0
+    if checkpoint is not None:
+        session_tokens_start = json.loads((checkpoint / "trainer_state.json").read_text()).get(
+            "num_input_tokens_seen", 0)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    state = trainer.state
+
+    with atomic_dir(paths.adapter) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    from prodtune.plots import plot_loss
+
+    log_rows = read_jsonl(paths.train_log)
+    plot_loss(log_rows, paths.loss_png, title=f"{Path(cfg.model.name_or_path).name}: LoRA r={cfg.lora.r}")
+    train_losses = [r["loss"] for r in log_rows if r.get("loss") is not None]
+    eval_losses = [(r["step"], r["eval_loss"]) for r in log_rows if r.get("eval_loss") is not None]
+    runtime = result.metrics.get("train_runtime", 0.0)
+    session_tokens = state.num_input_tokens_seen - session_tokens_start
+    peak, peak_kind = _peak_memory(plan.device)
+    report = {
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "examples": len(trainer.train_dataset),
+        "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_per_s": round(session_tokens / runtime, 1) if runtime else None,
+        "peak_memory_gib": round(peak, 3),
+        "peak_memory_kind": peak_kind,
+        "train_runtime_s": round(runtime, 2),
+        "wall_time_s": round(time.time() - started, 2),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "mean_train_loss": result.metrics.get("train_loss"),
+        "eval_loss_start": eval_losses[0][1] if eval_losses and eval_losses[0][0] == 0 else None,
+        "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
+        "device": plan.device,
+        "gpu": torch.cuda.get_device_name() if plan.device == "cuda" else None,
+        "precision": plan.precision,
+        "load_in_4bit": cfg.model.load_in_4bit,
+        "speed": plan.speed,
+        "packing": plan.packing,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "trainable_params": trainable,
+        "total_params": total,
+        "lora_targets": targets,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "adapter": str(paths.adapter),
+    }
+    write_json(paths.train_report, report)
+    losses = (f"eval loss {report['eval_loss_start']:.3f} -> {report['final_eval_loss']:.3f}"
+              if report["eval_loss_start"] is not None and report["final_eval_loss"] is not None
+              else f"final train loss {report['final_train_loss']}")
+    report["summary"] = (
+        f"trained {report['steps']} steps ({report['epochs']} epochs, {report['examples']} examples) on "
+        f"{plan.device} in {runtime:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
+        f"adapter: {paths.adapter}\nreport: {paths.train_report}\nloss curve: {paths.loss_png}")
+    return report
+
+
+def merge_stage(cfg: Config) -> dict[str, Any]:
+    """Merge train/adapter into the base model and save plain safetensors to train/merged."""
+    started = time.time()
+    paths = RunPaths(cfg.run_dir)
+    save_config(cfg, paths.config)
+    if not (paths.adapter / "adapter_config.json").is_file():
+        raise UserError(f"no trained adapter in '{paths.adapter}': run 'prodtune train' first")
+    device = models.pick_device(cfg.train.device)
+    out = models.merge_adapter(cfg.model, paths.adapter, paths.merged, device)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    return {"merged": str(out), "device": device, "size_mib": round(size, 1),
+            "wall_time_s": round(time.time() - started, 2),
+            "summary": f"merged model ({size:.0f} MiB safetensors): {out}"}
