@@ -1,0 +1,340 @@
+"""Training throughput of prodtune's GPU paths against the plain QLoRA recipe (issue 6).
+
+    python bench/bench_train.py                       # Phi-3-mini shape, random weights, on the GPU
+    python bench/bench_train.py --tiny                # tiny Phi-3 on the CPU: checks the script runs
+    python bench/bench_train.py --configs reference,fast --steps 8 --out /tmp/results
+
+Each configuration runs in its own process (clean peak memory, own compile caches) on the same
+random model (saved once, bf16 safetensors, loaded 4-bit like prodtune's train stage loads it),
+the same synthetic pre-tokenized prompt/completion examples (AmazonTitles-like: ~240 tokens, loss
+on the completion only) and the same TRL SFTTrainer setup train.py builds; the speed paths add
+`prodtune.fast`'s plan, SFTConfig overrides and model preparation. Printed per configuration:
+non-padding tokens/s over the timed steps, mean step time, peak GPU memory, and MFU =
+tokens/s x F x N / 790 TFLOP/s with N = 3.82e9 and F = 4 + 2 x (share of checkpointed layers)
+(2N forward + 2N backward for a frozen base + 2N recomputed forward where checkpointed), and a
+probe loss: the loss of every configuration on the same 8 examples before training.
+Results: <out>/train-<card>.json (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+N_PARAMS = 3.82e9
+PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this workplace's H100 and H200 (KINDS.md)
+
+# name -> (train config overrides, SpeedPlan overrides). The plan is what fast.plan picks for the
+# card, then these knobs; "reference" is the original recipe on TRL as is.
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "reference": ({"speed": "plain", "batch_size": 2, "grad_accum": 4, "packing": False,
+                   "gradient_checkpointing": True}, {}),
+    "fast": ({"speed": "auto"}, {}),
+    "fast-eager": ({"speed": "fast"}, {"compile": False}),
+    "fast-ckpt": ({"speed": "fast"}, {"checkpoint_every": 1}),
+    "fast-ckpt2": ({"speed": "fast"}, {"checkpoint_every": 2}),
+    "fast-nockpt": ({"speed": "fast"}, {"checkpoint_every": 0}),
+    "fast-nockpt-8k": ({"speed": "fast"}, {"checkpoint_every": 0, "rows": 4, "grad_accum": 2}),
+    "fast-4bit": ({"speed": "fast"}, {"dequantize_once": False, "compile": False}),
+    "small": ({"speed": "small"}, {}),
+}
+
+
+# ----------------------------------------------------------------------------- data and model
+
+def synthetic_examples(n: int, vocab: int, scale: float, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Pre-tokenized prompt/completion examples with AmazonTitles-like lengths (scale=1: prompt
+    ~75 tokens, completion ~165, total ~240) and random token ids."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        p = max(4, int(rng.integers(55, 96) * scale))
+        c = max(4, int(np.clip(rng.lognormal(np.log(140), 0.6), 8, 1500) * scale))
+        ids = rng.integers(10, vocab, p + c).tolist()
+        rows.append({"input_ids": ids, "completion_mask": [0] * p + [1] * c})
+    return rows
+
+
+def make_model_dir(folder: Path, tiny: bool) -> Path:
+    """A random-weight Phi-3 (mini's exact shape, or tests/tiny.py's) with the tiny tokenizer."""
+    import torch
+    from tiny import build_phi3, build_tokenizer
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tok = build_tokenizer()
+    if tiny:
+        model = build_phi3(tok)
+    else:
+        config = Phi3Config(pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|end|>"),
+                            bos_token_id=tok.eos_token_id)  # defaults are Phi-3-mini-4k's shape
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    return folder
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from prodtune import fast, models
+    from prodtune.config import LoraConfig, ModelConfig, TrainConfig
+
+    train_over, plan_over = CONFIGS[name]
+    cuda = torch.cuda.is_available() and not tiny
+    device = "cuda" if cuda else "cpu"
+    train_cfg = dataclasses.replace(TrainConfig(max_length=256 if tiny else 2048, device=device), **train_over)
+    model_cfg = ModelConfig(name_or_path=str(model_dir), load_in_4bit=True,
+                            dtype="auto" if cuda else "float32")
+    lora_cfg = LoraConfig()  # r=32, alpha=64, all-linear
+
+    if cuda:
+        speed = fast.plan(train_cfg, model_cfg, device)
+    else:
+        # No speed path on a CPU: exercise the same components with the CPU's attention and dtype.
+        speed = (fast.SpeedPlan("plain", "cpu") if train_cfg.speed == "plain" else
+                 fast.SpeedPlan("fast", "cpu check", rows=2, max_length=train_cfg.max_length,
+                                dequantize_once=True, attn_implementation="sdpa"))
+    if plan_over and speed.path != "plain":
+        speed = dataclasses.replace(speed, **plan_over)
+    ckpt = speed.checkpoint_every > 0 if speed.path != "plain" else bool(train_cfg.gradient_checkpointing)
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = models.load_model(model_cfg, device, training=True, gradient_checkpointing=ckpt, path=str(model_dir))
+    vocab = model.config.vocab_size
+    from datasets import Dataset
+
+    data = Dataset.from_list(synthetic_examples(n_examples, vocab, 0.25 if tiny else 1.0))
+    probe = synthetic_examples(8, vocab, 0.25 if tiny else 1.0, seed=1)
+    targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
+    t = train_cfg
+    args = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-train-"), max_steps=warmup + steps,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, optim=t.optim if cuda else "adamw_torch", max_grad_norm=t.max_grad_norm,
+        seed=t.seed, max_length=t.max_length, packing=False, completion_only_loss=True,
+        gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        bf16=cuda, fp16=False, use_cpu=not cuda, logging_steps=10**6, eval_strategy="no", save_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    args.update(fast.sft_overrides(speed, train_cfg))
+    if not cuda and speed.path != "plain":
+        args["gradient_checkpointing"], args["gradient_checkpointing_kwargs"] = False, None
+    trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=data, processing_class=tok,
+                         peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets))
+    prepared = fast.prepare(trainer.model, speed) if speed.path != "plain" else {}
+
+    counts: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(features: list[dict]) -> dict:
+        counts.append(sum(len(f["input_ids"]) for f in features))  # real tokens, before padding
+        return collate(features)
+
+    trainer.data_collator = counting_collator
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.marks.append(time.perf_counter())
+
+    timer = Timer()
+    trainer.add_callback(timer)
+
+    probe_loss = probe_batch_loss(trainer, collate, probe, cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+
+    accum = args["gradient_accumulation_steps"]
+    marks = timer.marks
+    timed = marks[warmup + steps] - marks[warmup]
+    tokens = sum(counts[warmup * accum:(warmup + steps) * accum])
+    tps = tokens / timed
+    factor = speed.flops_factor if speed.path != "plain" else (6.0 if ckpt else 4.0)
+    step_times = [b - a for a, b in zip(marks, marks[1:])]
+    return {
+        "config": name,
+        "plan": speed.describe(),
+        "prepared": prepared,
+        "tokens_per_s": round(tps, 1),
+        "step_s": round(timed / steps, 4),
+        "tokens_per_step": round(tokens / steps, 1),
+        "step_times_s": [round(s, 3) for s in step_times],
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "flops_per_token": f"{factor:g}N",
+        "mfu": round(tps * factor * N_PARAMS / PEAK_FLOPS, 4),
+        "probe_loss": probe_loss,
+        "warmup_steps": warmup, "timed_steps": steps, "wall_s": round(wall, 1),
+    }
+
+
+def probe_batch_loss(trainer: Any, collate: Any, probe: list[dict], cuda: bool) -> float:
+    """Loss on the same 8 examples for every configuration, before any update (LoRA B = 0)."""
+    import torch
+
+    feats = [{"input_ids": p["input_ids"],
+              "labels": [i if m else -100 for i, m in zip(p["input_ids"], p["completion_mask"])]} for p in probe]
+    batch = {k: (v.to(trainer.model.device) if hasattr(v, "to") else v) for k, v in collate(feats).items()}
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = trainer.compute_loss(trainer.model, batch)
+    return round(float(loss.detach()), 5)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def card_name() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for card in ("h200", "h100", "a100", "l4", "t4"):
+        if card in name:
+            return card
+    return name.replace(" ", "-")
+
+
+def matmul_tflops() -> float | None:
+    """The card's bf16 matmul rate on random 8192^3 products (the MFU ceiling actually seen)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return round(2 * 8192**3 * 20 / (time.perf_counter() - start) / 1e12, 1)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def table(results: list[dict]) -> str:
+    ref = next((r["tokens_per_s"] for r in results if r["config"] == "reference" and "tokens_per_s" in r), None)
+    lines = [f"{'config':16} {'tok/s':>9} {'x ref':>6} {'step s':>7} {'tok/step':>9} {'peak GiB':>8} "
+             f"{'FLOPs':>5} {'MFU':>6} {'probe':>8}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['config']:16} FAILED: {r['error'][-200:]}")
+            continue
+        x = f"{r['tokens_per_s'] / ref:.1f}" if ref else "-"
+        lines.append(f"{r['config']:16} {r['tokens_per_s']:9.0f} {x:>6} {r['step_s']:7.3f} {r['tokens_per_step']:9.0f} "
+                     f"{r['peak_alloc_gib'] if r['peak_alloc_gib'] is not None else '-':>8} {r['flops_per_token']:>5} "
+                     f"{r['mfu']:6.1%} {r['probe_loss']:8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random Phi-3 on the CPU (a check, not a timing)")
+    ap.add_argument("--configs", default=None, help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (compilation happens here)")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps")
+    ap.add_argument("--examples", type=int, default=None, help="synthetic training examples")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for train-<card>.json")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    names = (a.configs or ("reference,fast-eager" if a.tiny else "reference,fast,small")).split(",")
+    warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 2)
+    steps = a.steps if a.steps is not None else (2 if a.tiny else 6)
+    n_examples = a.examples or (64 if a.tiny else 1200)
+
+    if a.worker:
+        result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    card = card_name() if not a.tiny else "cpu-tiny"
+    header = {"card": card, "versions": versions(), "matmul_tflops": matmul_tflops() if not a.tiny else None,
+              "n_params": N_PARAMS, "peak_flops_for_mfu": PEAK_FLOPS, "warmup": warmup, "steps": steps}
+    if card != "cpu-tiny":
+        import torch
+
+        header["device"] = torch.cuda.get_device_name()
+    print(json.dumps(header), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        model_dir = Path(a.model_dir) if a.model_dir else make_model_dir(Path(tmp), a.tiny)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name in names:
+            cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+                   "--warmup", str(warmup), "--steps", str(steps), "--examples", str(n_examples)]
+            if a.tiny:
+                cmd.append("--tiny")
+            started = time.time()
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+                out = proc.stdout + proc.stderr
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                result = json.loads(line[7:]) if line else {"config": name, "error": out[-3000:]}
+            except subprocess.TimeoutExpired as e:
+                out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                result = {"config": name, "error": f"timeout after {a.timeout} s"}
+            result["process_s"] = round(time.time() - started, 1)
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / f"log-{name}.txt").write_text(out)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            (Path(a.out) / f"train-{card}.json").write_text(json.dumps({**header, "results": results}, indent=2))
+    print(f"\n{card} ({header.get('device', 'cpu')}); MFU at {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
+          f"N = {N_PARAMS:.3g}; matmul measured {header['matmul_tflops']} TFLOP/s")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
