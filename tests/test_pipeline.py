@@ -170,3 +170,12 @@ def test_every_stage_function_is_importable_by_name():
         except ModuleNotFoundError:
             pytest.skip(f"{stage.module} not written yet")
         assert callable(getattr(module, stage.function, None)), f"{stage.module}.{stage.function}"
+
+
+def test_a_stage_marked_finished_on_its_own_is_skipped(cfg, fakes):
+    pipeline.run_pipeline(cfg)
+    fakes.names()
+    cfg.eval.max_new_tokens = 32  # as if `prodtune compare` ran alone with a new setting...
+    pipeline.mark_finished(cfg, "compare")  # ...and the CLI recorded it
+    pipeline.run_pipeline(cfg)
+    assert fakes.names() == []

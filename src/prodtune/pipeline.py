@@ -123,6 +123,21 @@ def plan_stage(stage: Stage, paths: RunPaths, digest: str, upstream_ran: bool, f
     return "run", "config changed" if not same else "did not finish"
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def mark_finished(cfg: Config, name: str, seconds: float | None = None) -> None:
+    """Record that stage `name` finished with this config (for a stage run on its own, e.g. from the CLI)."""
+    stage = next(s for s in STAGES if s.name == name)
+    paths = RunPaths(cfg.run_dir)
+    record = _record(stage, paths) or {}
+    digest = stage_hashes(cfg)[name]
+    started = record.get("started") if record.get("hash") == digest else None
+    write_json(_marker(stage, paths), {"stage": name, "hash": digest, "started": started or _now(),
+                                       "finished": _now(), "seconds": seconds})
+
+
 def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Clean, format, train and compare in order; a finished stage with unchanged config is skipped."""
     paths = RunPaths(cfg.run_dir)
@@ -139,14 +154,13 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
             continue
         upstream_ran = True
         started = time.time()
-        record = {"stage": stage.name, "hash": hashes[stage.name],
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": None}
-        write_json(_marker(stage, paths), record)  # an interrupted stage leaves this unfinished record
+        # An interrupted stage leaves this unfinished record; for train it allows resuming.
+        write_json(_marker(stage, paths), {"stage": stage.name, "hash": hashes[stage.name],
+                                           "started": _now(), "finished": None})
         fn = stage_function(stage)
         report = fn(cfg, resume=True) if action == "resume" else fn(cfg)
         reports[stage.name] = report
-        write_json(_marker(stage, paths), record | {"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                    "seconds": round(time.time() - started, 1)})
+        mark_finished(cfg, stage.name, round(time.time() - started, 1))
         if stage.name != "compare" and isinstance(report, dict) and report.get("summary"):
             print(report["summary"], flush=True)  # compare's headline closes the run's summary
     lines = ["run: " + ", ".join(f"{name} {s}" for name, s in status.items()) + f"  ({paths.root})"]
