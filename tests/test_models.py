@@ -98,3 +98,30 @@ def test_load_model_with_missing_adapter_is_a_user_error(tiny_model_dir, tmp_pat
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
     with pytest.raises(UserError, match="prodtune train"):
         models.load_model(cfg, "cpu", adapter=tmp_path / "nothing")
+
+
+def test_cpu_4bit_gradients_survive_an_eval_pass(tiny_model_dir):
+    """Regression: bitsandbytes' CPU eval-mode repacking must not cut the backward pass."""
+    from peft import get_peft_model
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), load_in_4bit=True)
+    ids = torch.randint(0, 500, (2, 16))
+
+    def lora_grads(eval_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = models.load_model(cfg, "cpu", training=True)
+        model = get_peft_model(model, models.peft_lora_config(4, 8, 0.0, PHI3_LINEAR))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # non-zero, so gradients reach lora_A too
+        if eval_first:  # what a validation pass does
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = lora_grads(False), lora_grads(True)
+    for name in plain:
+        assert torch.allclose(plain[name], after_eval[name], atol=1e-6), name

@@ -180,6 +180,8 @@ def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | 
     if training and quant is not None:
         from peft import prepare_model_for_kbit_training
 
+        if device == "cpu":
+            _keep_cpu_4bit_differentiable(model)
         # Freezes the base and casts its small non-4-bit weights (norms, embeddings, lm_head) to
         # float32, as the QLoRA recipe does, so their gradients flow in full precision.
         model = prepare_model_for_kbit_training(
@@ -194,6 +196,21 @@ def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | 
     if not training:
         model.eval()
     return model
+
+
+def _keep_cpu_4bit_differentiable(model: Any) -> None:
+    """Stop bitsandbytes' CPU inference repacking of 4-bit weights during training.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight the first time it
+    runs in eval mode without gradients (our validation passes) and from then on computes it with
+    a kernel that has no backward: in later training steps the gradient silently stops at every
+    4-bit matmul, and the LoRA weights below it get wrong updates. Training keeps the plain path.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 # ----------------------------------------------------------------------------- LoRA targets
