@@ -207,6 +207,16 @@ def test_report_counts_and_lengths(tmp_path):
         "format_report.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
 
 
+def test_other_files_in_format_folder_are_kept(tmp_path):
+    # The pipeline keeps its .stage.json record in format/; rewriting the splits must not drop it.
+    write_clean(tmp_path, n=20)
+    marker = RunPaths(tmp_path).format / ".stage.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    format_stage(cfg_for(tmp_path))
+    assert marker.read_text() == "{}"
+
+
 def test_token_stats_with_tiny_tokenizer(tmp_path, tiny_model_dir):
     write_clean(tmp_path, n=40)
     report = format_stage(load_config(None, [f"output_dir={tmp_path}", "data.count_tokens=true",

@@ -13,7 +13,9 @@ never moves an existing title to another split.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ import numpy as np
 
 from prodtune.config import Config, DataConfig, ModelConfig, save_config, section_hash
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, atomic_dir, write_json, write_jsonl
+from prodtune.io import RunPaths, write_json, write_jsonl
 
 SPLITS = ("train", "validation", "test")
 
@@ -273,11 +275,17 @@ def format_stage(cfg: Config) -> dict[str, Any]:
         "outputs": {s: str(paths.split(s)) for s in SPLITS} | {"report": str(paths.format_report)},
     }
     report["summary"] = _summary(report)
-    # Build the whole folder under a temporary name: splits and report change together or not at all.
-    with atomic_dir(paths.format) as tmp:
+    # Write every file under a temporary name first, then rename them in, the report last: an
+    # interrupted run leaves the previous outputs whole, and other files in format/ (the pipeline's
+    # .stage.json) stay where they are.
+    paths.format.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".format.", dir=paths.format) as tmp:
+        finals = [paths.split(s) for s in SPLITS] + [paths.format_report]
         for split in SPLITS:
-            write_jsonl(tmp / paths.split(split).name, out[split])
-        write_json(tmp / paths.format_report.name, report)
+            write_jsonl(Path(tmp) / paths.split(split).name, out[split])
+        write_json(Path(tmp) / paths.format_report.name, report)
+        for final in finals:
+            os.replace(Path(tmp) / final.name, final)
     return report
 
 
