@@ -251,7 +251,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        # 'a,b' on the command line means a list where the field also accepts one.
+        if isinstance(value, str) and "," in value:
+            candidates.sort(key=lambda a: typing.get_origin(a) is not list)
+        for arg in candidates:
             try:
                 return _coerce(value, arg, key)
             except UserError as e:
@@ -322,6 +326,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str, unknown: list[str]) -
 
 def _parse_scalar(text: str) -> Any:
     """Type a command-line value the way YAML would (1e-4 -> float, true -> bool, null -> None)."""
+    if text.strip() == "":
+        return ""  # `data.system_prompt=` means the empty string, not null
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
