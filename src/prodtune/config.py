@@ -400,6 +400,8 @@ def validate(cfg: Config) -> None:
             problems.append(f"data.question_templates entry {t!r} has no {{title}} placeholder")
     if d.chunk_rows < 1:
         problems.append("data.chunk_rows must be >= 1")
+    if d.token_stats_rows is not None and d.token_stats_rows < 1:
+        problems.append("data.token_stats_rows must be >= 1 or null")
     if d.sample_size is not None and d.sample_size < 1:
         problems.append("data.sample_size must be >= 1 or null")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
