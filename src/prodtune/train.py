@@ -116,8 +116,8 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         weight_decay=t.weight_decay, optim=t.optim, max_grad_norm=t.max_grad_norm, seed=t.seed,
         max_length=t.max_length, packing=plan.packing,
         completion_only_loss=True,  # prompt tokens get label -100
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        activation_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
         # TRL defaults bf16=True; precision must follow the hardware instead.
         bf16=plan.dtype == torch.bfloat16, fp16=plan.dtype == torch.float16, use_cpu=plan.device == "cpu",
         logging_steps=t.logging_steps, logging_first_step=True,
@@ -138,6 +138,7 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
                   eval_on_start: bool = False) -> Any:
     """An SFTTrainer with LoRA on the resolved targets; tokenizes and masks the datasets."""
     import torch
+    from transformers import ProgressCallback
     from trl import SFTTrainer
 
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
@@ -147,6 +148,8 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets),
         callbacks=callbacks)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_quiet_progress())
     if plan.dtype != torch.bfloat16:
         # TRL stores a 4-bit base's LoRA weights in bf16 (the QLoRA paper's choice for bf16
         # compute). With float32 (CPU) or fp16 (T4) compute they must stay float32: bf16 updates
@@ -193,6 +196,23 @@ def _log_callbacks(paths: RunPaths, resume_step: int) -> list[Any]:
 
     writer = SummaryWriter(log_dir=str(paths.train / "tensorboard"))
     return [JsonlLog(), TensorBoardCallback(tb_writer=writer)]
+
+
+def _quiet_progress() -> Any:
+    """transformers' progress bar, showing the loss on the bar and printing only validation
+    results, instead of a dict of every metric at every step."""
+    from transformers import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is None or not logs:
+                return
+            if "eval_loss" in logs:
+                self.training_bar.write(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
+            elif "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    return QuietProgress()
 
 
 def last_checkpoint(paths: RunPaths) -> Path | None:
