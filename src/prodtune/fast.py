@@ -212,8 +212,11 @@ def prepare(model: Any, speed: SpeedPlan) -> dict[str, Any]:
     done: dict[str, Any] = {}
     if speed.bf16_frozen:
         done["bf16_frozen_params"] = cast_frozen(base)
-    if speed.attn_implementation and base.config._attn_implementation != speed.attn_implementation:
-        base.set_attn_implementation(speed.attn_implementation)
+    attn = speed.attn_implementation
+    if attn == "flex_attention":
+        attn = register_flex()
+    if attn and base.config._attn_implementation != attn:
+        base.set_attn_implementation(attn)
     done["attn_implementation"] = base.config._attn_implementation
     if speed.dequantize_once:
         done["dequantized_gib"] = round(dequantize_once(base) / 2**30, 2)
@@ -234,6 +237,30 @@ def cast_frozen(model: Any, dtype: Any = None) -> int:
             param.data = param.data.to(dtype)
             n += 1
     return n
+
+
+FLEX = "prodtune_flex"
+"""transformers' FlexAttention with contiguous q/k/v (see `register_flex`)."""
+
+
+def register_flex() -> str:
+    """Register FLEX with transformers' attention and mask interfaces; return its name.
+
+    Inside a compiled layer, inductor (torch 2.13, seen on the CPU) fused RoPE into the flex
+    kernel's non-contiguous q/k inputs and got wrong results; eager flex, or contiguous inputs,
+    are right. Making q/k/v contiguous costs one copy that the compiled RoPE writes anyway.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    def flex_contiguous(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
+        return flex_attention_forward(module, query.contiguous(), key.contiguous(), value.contiguous(),
+                                      attention_mask, **kwargs)
+
+    AttentionInterface.register(FLEX, flex_contiguous)
+    AttentionMaskInterface.register(FLEX, flex_attention_mask)
+    return FLEX
 
 
 def _lora_layers(model: Any) -> list[Any]:
