@@ -279,9 +279,9 @@ def show_format(report: dict[str, Any], run_dir: str | Path, n: int = 3, cfg: Co
         _markdown("**Lengths** (characters; tokens with the model's tokenizer)")
         _display(pd.DataFrame(stats).T)
     rows = _read_jsonl_head(RunPaths(run_dir).split("train"), n)
-    _markdown(f"**{len(rows)} formatted training examples** (`format/train.jsonl`)")
+    system = report.get("system_prompt") or "(none)"
+    _markdown(f"**{len(rows)} formatted training examples** (`format/train.jsonl`; system prompt: *{system}*)")
     _display(pd.DataFrame([{
-        "system": _short(next((m["content"] for m in r["prompt"] if m["role"] == "system"), ""), 80),
         "question (user)": r["prompt"][-1]["content"],
         "answer (assistant)": _short(r["completion"][0]["content"], 300)} for r in rows]))
     if rows and cfg is not None:
