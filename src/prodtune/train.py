@@ -246,12 +246,13 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     started = time.time()
     paths = RunPaths(cfg.run_dir)
     save_config(cfg, paths.config)
-    checkpoint = None
+    checkpoint, resumed = None, {}
     if resume:
         checkpoint = last_checkpoint(paths)
         if checkpoint is None:
             raise UserError(f"--resume: no complete checkpoint in '{paths.checkpoints}'; "
                             "run 'prodtune train' without --resume to start from scratch")
+        resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     train_ds, eval_ds = load_splits(paths, cfg.train.max_eval_samples)
     plan = make_plan(cfg.train, cfg.model)
     if not resume and paths.checkpoints.exists():
@@ -265,23 +266,16 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     tokenizer = models.load_tokenizer(cfg.model, model_path)
     model = models.load_model(cfg.model, plan.device, training=True, path=model_path,
                               gradient_checkpointing=plan.gradient_checkpointing)
-    resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg.lora, cfg.train, plan, paths.checkpoints,
-                            callbacks=_log_callbacks(paths, resume_step) + list(callbacks or []),
+                            callbacks=_log_callbacks(paths, resumed.get("global_step", 0)) + list(callbacks or []),
                             eval_on_start=not resume)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    targets = sorted(trainer.model.peft_config["default"].target_modules)
     print(f"prodtune: training {cfg.model.name_or_path} on {plan.device} ({plan.precision}"
           f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(trainer.train_dataset)} examples, "
-          f"LoRA r={cfg.lora.r} on {targets}, {trainable:,} trainable of {total:,} parameters")
+          f"LoRA r={cfg.lora.r} on {sorted(trainer.model.peft_config['default'].target_modules)}, "
+          f"{trainable:,} trainable of {total:,} parameters")
 
-    session_tokens_start = 0
-    if checkpoint is not None:
-        session_tokens_start = json.loads((checkpoint / "trainer_state.json").read_text()).get(
-            "num_input_tokens_seen", 0)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    state = trainer.state
-
     with atomic_dir(paths.adapter) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -290,24 +284,42 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
 
     log_rows = read_jsonl(paths.train_log)
     plot_loss(log_rows, paths.loss_png, title=f"{Path(cfg.model.name_or_path).name}: LoRA r={cfg.lora.r}")
+    report = _train_report(trainer, result.metrics.get("train_runtime", 0.0), log_rows, plan, cfg,
+                           session_tokens_start=resumed.get("num_input_tokens_seen", 0), checkpoint=checkpoint)
+    report["wall_time_s"] = round(time.time() - started, 2)
+    write_json(paths.train_report, report)
+    losses = (f"validation loss {report['eval_loss_start']:.3f} -> {report['final_eval_loss']:.3f}"
+              if report["eval_loss_start"] is not None and report["final_eval_loss"] is not None
+              else f"final train loss {report['final_train_loss']}")
+    report["summary"] = (
+        f"trained {report['steps']} steps ({report['epochs']} epochs, {report['examples']} examples) on "
+        f"{plan.device} in {report['train_runtime_s']:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
+        f"adapter: {paths.adapter}\nreport: {paths.train_report}\nloss curve: {paths.loss_png}")
+    return report
+
+
+def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], plan: Plan, cfg: Config,
+                  session_tokens_start: int, checkpoint: Path | None) -> dict[str, Any]:
+    """train_report.json: what was trained, how fast, how much memory, and the losses."""
+    import torch
+
+    state = trainer.state
+    trainable, total = trainer.model.get_nb_trainable_parameters()
     train_losses = [r["loss"] for r in log_rows if r.get("loss") is not None]
     eval_losses = [(r["step"], r["eval_loss"]) for r in log_rows if r.get("eval_loss") is not None]
-    runtime = result.metrics.get("train_runtime", 0.0)
     session_tokens = state.num_input_tokens_seen - session_tokens_start
     peak, peak_kind = _peak_memory(plan.device)
-    report = {
+    return {
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "examples": len(trainer.train_dataset),
         "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
-        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_seen": state.num_input_tokens_seen,  # prompt + completion, padding excluded
         "tokens_per_s": round(session_tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": round(peak, 3),
         "peak_memory_kind": peak_kind,
         "train_runtime_s": round(runtime, 2),
-        "wall_time_s": round(time.time() - started, 2),
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": result.metrics.get("train_loss"),
         "eval_loss_start": eval_losses[0][1] if eval_losses and eval_losses[0][0] == 0 else None,
         "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
         "device": plan.device,
@@ -319,19 +331,10 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
         "gradient_checkpointing": plan.gradient_checkpointing,
         "trainable_params": trainable,
         "total_params": total,
-        "lora_targets": targets,
+        "lora_targets": sorted(trainer.model.peft_config["default"].target_modules),
         "resumed_from": str(checkpoint) if checkpoint else None,
-        "adapter": str(paths.adapter),
+        "adapter": str(RunPaths(cfg.run_dir).adapter),
     }
-    write_json(paths.train_report, report)
-    losses = (f"eval loss {report['eval_loss_start']:.3f} -> {report['final_eval_loss']:.3f}"
-              if report["eval_loss_start"] is not None and report["final_eval_loss"] is not None
-              else f"final train loss {report['final_train_loss']}")
-    report["summary"] = (
-        f"trained {report['steps']} steps ({report['epochs']} epochs, {report['examples']} examples) on "
-        f"{plan.device} in {runtime:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
-        f"adapter: {paths.adapter}\nreport: {paths.train_report}\nloss curve: {paths.loss_png}")
-    return report
 
 
 def merge_stage(cfg: Config) -> dict[str, Any]:
