@@ -107,7 +107,8 @@ def test_metrics_table():
                "tuned": {"rouge_l": {"mean": 0.3, "ci95": [0.2, 0.4]}},
                "diff": {"rouge_l": {"mean": 0.2, "ci95": [0.1, 0.3]}}}
     table = nb.metrics_table(metrics)
-    assert table.loc["rouge_l", "tuned − base"] == "0.2 [0.1, 0.3]"
+    assert table.loc["rouge_l", "tuned − base"] == "0.200 [0.100, 0.300]"
+    assert table.loc["rouge_l", "tuned is"] == "better"
 
 
 def test_a_missing_run_stops_the_notebook_with_one_line(tmp_path):

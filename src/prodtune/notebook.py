@@ -224,41 +224,31 @@ def _short(text: Any, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _table(rows: list[dict[str, Any]] | dict[str, Any], **kwargs: Any) -> Any:
-    import pandas as pd
-
-    if isinstance(rows, dict):
-        return pd.DataFrame(list(rows.items()), columns=kwargs.pop("columns", ["", "value"]))
-    return pd.DataFrame(rows, **kwargs)
-
-
-def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if k in d:
-            return d[k]
-    return default
-
-
 def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -> None:
-    """The clean report as tables: rows read/kept/dropped per rule, examples of each rule, clean rows."""
+    """The clean report as tables: rows read/dropped per rule/kept, rows changed per rule, examples
+    of each rule (dropped rows; before → after for edits), and the first clean rows."""
     import pandas as pd
 
-    read = _first(report, "rows_read", "read")
-    kept = _first(report, "rows_kept", "kept")
-    dropped = _first(report, "dropped", "dropped_by_rule", default={}) or {}
-    rows = [{"": "rows read", "rows": read}]
-    rows += [{"": f"dropped: {rule}", "rows": n} for rule, n in dropped.items()]
-    rows += [{"": "rows kept", "rows": kept}]
-    changed = _first(report, "changed", "modified", "changed_by_rule", default={}) or {}
-    rows += [{"": f"changed: {rule}", "rows": n} for rule, n in changed.items()]
+    read = report.get("rows_read") or 0
+    dropped = report.get("dropped", {})
+    counts = [("rows read", read), *((f"dropped: {r}", n) for r, n in dropped.items()),
+              ("rows kept", report.get("rows_kept"))]
+    table = pd.DataFrame(counts, columns=["", "rows"]).set_index("")
+    table["% of read"] = (100 * table["rows"] / max(read, 1)).round(1)
     _markdown("**Rows read, dropped per rule, kept** (`clean/clean_report.json`)")
-    _display(pd.DataFrame(rows).set_index(""))
-    ex = _first(report, "examples", default={}) or {}
-    ex_rows = [{"rule": rule, **{k: _short(v, 160) for k, v in (e if isinstance(e, dict) else {"row": e}).items()}}
-               for rule, items in ex.items() for e in list(items)[:examples]]
-    if ex_rows:
-        _markdown(f"**Examples of each rule** (up to {examples} per rule)")
-        _display(pd.DataFrame(ex_rows).fillna(""))
+    _display(table)
+    changed = pd.DataFrame(list(report.get("changed", {}).items()), columns=["rule", "rows changed"])
+    if len(changed):
+        _markdown("**Rows changed per rule** (kept, with their text cleaned)")
+        _display(changed.set_index("rule"))
+    ex = report.get("examples", {})
+    for title, rules in (("Examples of dropped rows", dropped), ("Examples of changes (before → after)",
+                                                                 report.get("changed", {}))):
+        rows = [{"rule": rule, **{k: _short(v, 160) for k, v in item.items()}}
+                for rule in rules for item in ex.get(rule, [])[:examples]]
+        if rows:
+            _markdown(f"**{title}** (up to {examples} per rule)")
+            _display(pd.DataFrame(rows).fillna("").set_index("rule"))
     parquet = RunPaths(run_dir).clean_parquet
     if parquet.is_file():
         _markdown(f"**The first clean rows** (`{parquet}`)")
@@ -315,9 +305,11 @@ def _show_chat_text(row: dict[str, Any], cfg: Config) -> None:
 
 def show_train(report: dict[str, Any], run_dir: str | Path) -> None:
     """Training figures (steps, losses, speed, memory) and the loss curve (train/loss.png)."""
+    import pandas as pd
+
     flat = {k: v for k, v in report.items() if not isinstance(v, (dict, list)) and k != "summary"}
     _markdown("**Training** (`train/train_report.json`)")
-    _display(_table(flat).set_index(""))
+    _display(pd.Series(flat, name="value", dtype=object).to_frame())
     show_image(RunPaths(run_dir).loss_png, "Loss curve: training and validation loss by step")
 
 
@@ -335,20 +327,19 @@ def show_image(path: str | Path, caption: str = "") -> None:
 
 
 def metrics_table(metrics: dict[str, Any]) -> Any:
-    """metrics.json as a table: one row per metric, base / tuned / tuned − base with 95% intervals."""
+    """metrics.json as a table: per metric, base / tuned / tuned − base (mean [95% interval]) and
+    whether the tuned model is better, worse or the same beyond noise."""
     import pandas as pd
 
-    def cell(m: dict[str, Any] | None) -> str:
-        if not m or m.get("mean") is None:
-            return ""
-        lo, hi = (m.get("ci95") or [None, None])[:2]
-        ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
-        return f"{m['mean']:.4g}{ci}"
+    from prodtune.report import fmt, verdict
 
-    names = list(dict.fromkeys([*metrics.get("base", {}), *metrics.get("tuned", {})]))
-    rows = [{"metric": k, "base": cell(metrics.get("base", {}).get(k)),
-             "tuned": cell(metrics.get("tuned", {}).get(k)),
-             "tuned − base": cell(metrics.get("diff", {}).get(k))} for k in names]
+    def cell(m: dict[str, Any]) -> str:
+        lo, hi = m["ci95"]
+        return f"{fmt(m['mean'])} [{fmt(lo)}, {fmt(hi)}]"
+
+    rows = [{"metric": k, "base": cell(metrics["base"][k]), "tuned": cell(metrics["tuned"][k]),
+             "tuned − base": cell(metrics["diff"][k]), "tuned is": verdict(k, metrics["diff"][k])}
+            for k in metrics["base"] if k in metrics["tuned"] and k in metrics["diff"]]
     return pd.DataFrame(rows).set_index("metric")
 
 
@@ -365,7 +356,7 @@ def show_compare(run_dir: str | Path) -> None:
         raise UserError(f"'{paths.metrics_json}' not found: run the comparison step above first")
     metrics = json.loads(paths.metrics_json.read_text(encoding="utf-8"))
     _markdown(f"**Metrics on {metrics.get('n', '?')} held-out test items** (mean [95% bootstrap interval]; "
-              "an interval of tuned − base above zero means the tuned model is better on that metric)")
+              "*better* or *worse* when the interval of tuned − base excludes zero)")
     _display(metrics_table(metrics))
     _markdown("**Base and tuned, mean and 95% interval per metric** (the chart of `compare/report.html`)")
     _display(Image(data=base64.b64decode(metrics_chart(metrics))))
