@@ -12,6 +12,7 @@ before is checked up front, with a message naming the notebook to run first.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -128,14 +129,14 @@ def _get_dotted(raw: dict[str, Any], key: str) -> Any:
     node: Any = raw
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return "(default)"
+            return None
         node = node[part]
     return node
 
 
 def _with_params(raw: dict[str, Any], params: dict[str, Any], source: str) -> Config:
     """Apply {dotted.key: value} on top of a raw config dict, build it, and say what changed."""
-    before = json.loads(json.dumps(raw, default=str))
+    before = to_dict(config_from_dict(copy.deepcopy(raw), source))
     for key, value in params.items():
         _set_dotted(raw, key, value)
     cfg = config_from_dict(raw, source)
@@ -244,7 +245,7 @@ def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -
     ex = report.get("examples", {})
     for title, rules in (("Examples of dropped rows", dropped), ("Examples of changes (before → after)",
                                                                  report.get("changed", {}))):
-        rows = [{"rule": rule, **{k: _short(v, 160) for k, v in item.items()}}
+        rows = [{"rule": rule, **{k: _short(v, 160) for k, v in item.items() if k != "uid"}}
                 for rule in rules for item in ex.get(rule, [])[:examples]]
         if rows:
             _markdown(f"**{title}** (up to {examples} per rule)")
