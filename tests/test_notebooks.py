@@ -8,6 +8,7 @@ by setting the notebooks' own parameter variables in a cell injected after the p
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import nbformat
@@ -98,6 +99,27 @@ def test_later_notebooks_name_the_one_to_run_first(tmp_path):
         nb.config_from_run(tmp_path / "run", {}, needs="format")
     with pytest.raises(UserError, match="treino-e-teste.ipynb"):
         nb.require(tmp_path / "run", "train")
+
+
+def test_setup_in_colab_with_drive(tmp_path, monkeypatch):
+    """In Colab with USE_DRIVE the data and run folders move to Drive, the sample copied there."""
+    import types
+
+    from prodtune import notebook as nb
+
+    mounted = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda path: mounted.append(path))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(nb, "DRIVE_MOUNT", tmp_path / "drive")
+    monkeypatch.chdir(ROOT)
+    env = nb.setup(use_drive=True)
+    assert env.colab and env.drive and mounted == [str(tmp_path / "drive")]
+    assert env.runs_dir == tmp_path / "drive" / "MyDrive" / "prodtune" / "outputs"
+    assert (env.data_dir / "sample" / "trn.json").is_file()
+    monkeypatch.delitem(sys.modules, "google.colab")
+    local = nb.setup(use_drive=True)  # outside Colab the switch is ignored, with a note
+    assert not local.colab and not local.drive and local.runs_dir == Path("outputs")
 
 
 def test_metrics_table():
