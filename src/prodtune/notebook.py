@@ -30,14 +30,19 @@ from prodtune.io import RunPaths
 COLAB_REPO = Path("/content/prodtune")  # where the notebooks' first cell clones the repository in Colab
 DRIVE_MOUNT = Path("/content/drive")
 
-# What each stage leaves in the run folder, and which notebook (and CLI command) makes it.
-NEEDS: dict[str, tuple[str, str, list[str]]] = {
-    "clean": ("tratar-dados.ipynb", "prodtune clean", ["clean_parquet", "clean_report"]),
-    "format": ("transforma-em-json.ipynb", "prodtune format", ["split:train", "split:validation",
-                                                                "split:test", "format_report"]),
-    "train": ("treino-e-teste.ipynb (the training step)", "prodtune train",
-              ["adapter/adapter_config.json", "train_report"]),
+# Which notebook (and CLI command) makes each stage's outputs.
+MADE_BY: dict[str, tuple[str, str]] = {
+    "clean": ("tratar-dados.ipynb", "prodtune clean"),
+    "format": ("transforma-em-json.ipynb", "prodtune format"),
+    "train": ("treino-e-teste.ipynb (its training step)", "prodtune train"),
 }
+
+
+def stage_outputs(run: RunPaths, stage: Literal["clean", "format", "train"]) -> list[Path]:
+    """The files a stage leaves in the run folder for the next one."""
+    return {"clean": [run.clean_parquet, run.clean_report],
+            "format": [run.split(s) for s in ("train", "validation", "test")] + [run.format_report],
+            "train": [run.adapter / "adapter_config.json", run.train_report]}[stage]
 
 
 # ----------------------------------------------------------------------------- environment
@@ -171,7 +176,7 @@ def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None
     with this notebook's parameters on top; checks that the previous stage's outputs exist."""
     run = RunPaths(output_dir)
     if not run.config.is_file():
-        notebook, command, _ = NEEDS["clean"]
+        notebook, command = MADE_BY["clean"]
         raise UserError(f"no run in '{run.root}' (config.yaml missing): run {notebook} first with "
                         f"OUTPUT_DIR = '{run.root}' (or '{command} --config ...'), or fix OUTPUT_DIR")
     require(run.root, needs)
@@ -183,19 +188,9 @@ def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None
 def require(run_dir: str | Path, stage: Literal["clean", "format", "train"]) -> None:
     """Raise a UserError naming the notebook to run first when a stage's outputs are missing."""
     run = RunPaths(run_dir)
-    notebook, command, files = NEEDS[stage]
-    missing = []
-    for name in files:
-        if name.startswith("split:"):
-            path = run.split(name.split(":", 1)[1])
-        elif "/" in name:
-            head, rest = name.split("/", 1)
-            path = getattr(run, head) / rest
-        else:
-            path = getattr(run, name)
-        if not path.exists():
-            missing.append(str(path))
+    missing = [str(p) for p in stage_outputs(run, stage) if not p.exists()]
     if missing:
+        notebook, command = MADE_BY[stage]
         raise UserError(f"the {stage} stage's outputs are missing in '{run.root}' ({', '.join(missing)}): "
                         f"run {notebook} first (or '{command}'), with the same OUTPUT_DIR")
 
