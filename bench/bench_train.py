@@ -171,6 +171,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
 
     timer = Timer()
     trainer.add_callback(timer)
+    if os.environ.get("BENCH_PROFILE") == name and cuda:
+        trainer.add_callback(Profiler(warmup + steps - 1))
 
     probe_loss = probe_batch_loss(trainer, collate, probe, cuda)
     if cuda:
@@ -203,6 +205,29 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     }
 
 
+def Profiler(step: int) -> Any:
+    """A callback that profiles optimizer step `step` and prints the top CUDA kernels."""
+    import torch
+    from transformers import TrainerCallback
+
+    class _Profiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
+                self.prof = None
+
+    return _Profiler()
+
+
 def probe_batch_loss(trainer: Any, collate: Any, probe: list[dict], cuda: bool) -> float:
     """Loss on the same 8 examples for every configuration, before any update (LoRA B = 0)."""
     import torch
@@ -211,6 +236,7 @@ def probe_batch_loss(trainer: Any, collate: Any, probe: list[dict], cuda: bool) 
               "labels": [i if m else -100 for i, m in zip(p["input_ids"], p["completion_mask"])]} for p in probe]
     batch = {k: (v.to(trainer.model.device) if hasattr(v, "to") else v) for k, v in collate(feats).items()}
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    trainer.model.train()  # the mode training runs in: compiled layers are not compiled twice
     with ctx:
         loss = trainer.compute_loss(trainer.model, batch)
     return round(float(loss.detach()), 5)
@@ -323,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 result = json.loads(line[7:]) if line else {"config": name, "error": out[-3000:]}
             except subprocess.TimeoutExpired as e:
-                out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
                 result = {"config": name, "error": f"timeout after {a.timeout} s"}
             result["process_s"] = round(time.time() - started, 1)
             Path(a.out).mkdir(parents=True, exist_ok=True)

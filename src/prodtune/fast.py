@@ -54,6 +54,8 @@ STEP_TOKENS = 16384
 does not depend on which card trains."""
 NO_CHECKPOINT_MIN_GIB = 120.0
 """Cards with at least this much memory (H200) train the fast path without checkpointing."""
+HALF_CHECKPOINT_MIN_GIB = 70.0
+"""Cards with at least this much memory (H100 80 GB) checkpoint every other layer; smaller, all."""
 
 # Keyword arguments TRL's padding-free collator adds for flash-attention's varlen kernels. Flex
 # attention gets the same information from the position ids; dropping them before the compiled
@@ -156,7 +158,7 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any,
     flex = major >= 8 and _has_flex()
     if speed == "fast":
         rows = max(1, FAST_TOKENS // max_length) if flex else 1
-        ckpt = 0 if gib >= NO_CHECKPOINT_MIN_GIB else 1
+        ckpt = 0 if gib >= NO_CHECKPOINT_MIN_GIB else 2 if gib >= HALF_CHECKPOINT_MIN_GIB else 1
         p = SpeedPlan("fast", reason, rows=rows, max_length=max_length, checkpoint_every=ckpt,
                       compile=True, dequantize_once=model_cfg.load_in_4bit,
                       attn_implementation="flex_attention" if flex else "sdpa", bf16_frozen=True)
