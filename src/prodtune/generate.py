@@ -53,7 +53,7 @@ def load_model(model_cfg: ModelConfig, adapter: str | Path | None) -> tuple[Any,
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"no trained adapter in '{adapter}' (adapter_config.json missing): "
-                            "run 'prodtune train' first, or pass --base for the base model")
+                            "run 'prodtune train' first ('prodtune ask --base' answers without it)")
         if (adapter / "tokenizer_config.json").is_file():
             tok_path = str(adapter)
     model = models.load_model(model_cfg, "auto", adapter=adapter, path=path)

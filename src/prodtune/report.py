@@ -191,12 +191,12 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num_cell(value: Any) -> str:
+def _num_cell(value: Any, yes_no: bool = False) -> str:
     try:
         x = float(value)
     except (TypeError, ValueError):
         return f'<td class="num">{_e(value)}</td>'
-    shown = fmt(x)
+    shown = ("yes" if x else "no") if yes_no and math.isfinite(x) else fmt(x)
     return f'<td class="num" data-v="{x if math.isfinite(x) else ""}">{shown}</td>'
 
 
@@ -226,7 +226,7 @@ def render_html(metrics: dict[str, Any], table: Any, info: dict[str, Any],
         cells = [f'<td class="num" data-v="{i}">{i}</td>']
         cells += [f'<td class="txt">{_e(r[c])}</td>'
                   for c in ("title", "question", "reference", "base_answer", "tuned_answer")]
-        cells += [_num_cell(r[f"{m}_{k}"]) for k, _ in scores for m in ("base", "tuned")]
+        cells += [_num_cell(r[f"{m}_{k}"], yes_no=k == "stop_rate") for k, _ in scores for m in ("base", "tuned")]
         item_rows.append("<tr>" + "".join(cells) + "</tr>")
 
     settings = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in info.items())
