@@ -89,3 +89,12 @@ def test_ask_without_adapter_is_a_user_error(tiny_run, tmp_path):
     save_config(tiny_run, RunPaths(tmp_path).config)
     with pytest.raises(UserError, match="adapter"):
         ask("Mog's Kittens", tmp_path)
+
+
+def test_ask_through_the_cli(tiny_run, capsys):
+    """The CLI prints the answer; a folder that is not a run is a one-line error (exit 1)."""
+    from prodtune.cli import main
+
+    assert main(["ask", "Mog's Kittens", "--run", str(tiny_run.run_dir), "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["ask", "Mog's Kittens", "--run", str(tiny_run.run_dir / "nope")]) == 1
