@@ -179,3 +179,20 @@ def test_a_stage_marked_finished_on_its_own_is_skipped(cfg, fakes):
     pipeline.mark_finished(cfg, "compare")  # ...and the CLI recorded it
     pipeline.run_pipeline(cfg)
     assert fakes.names() == []
+
+
+def test_real_stages_on_the_tiny_model(tiny_model_dir, sample_raw, tmp_path, capsys):
+    """clean -> format -> train (1 step) -> compare for real, then a rerun that skips all four."""
+    from prodtune.config import load_config
+
+    cfg = load_config(None, [
+        f"output_dir={tmp_path / 'run'}", f"data.raw_path={sample_raw}", f"model.name_or_path={tiny_model_dir}",
+        "model.dtype=float32", "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1",
+        "train.optim=adamw_torch", "train.device=cpu", "train.packing=false", "train.max_eval_samples=4",
+        "eval.max_samples=6", "eval.max_new_tokens=6", "eval.embedding_model=", "eval.bootstrap_samples=50"])
+    first = pipeline.run_pipeline(cfg)
+    assert first["stages"] == dict.fromkeys(ALL, "ran")
+    assert json.loads(RunPaths(cfg.run_dir).metrics_json.read_text())["n"] == 6
+    second = pipeline.run_pipeline(cfg)
+    assert second["stages"] == dict.fromkeys(ALL, "skipped")
+    assert "ROUGE-L" in second["summary"]
