@@ -315,7 +315,7 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
         "examples": len(trainer.train_dataset),
         "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "tokens_seen": state.num_input_tokens_seen,  # prompt + completion, padding excluded
-        "tokens_per_s": round(session_tokens / runtime, 1) if runtime else None,
+        "tokens_per_s": round(session_tokens / runtime, 1) if runtime else None,  # validation time included
         "peak_memory_gib": round(peak, 3),
         "peak_memory_kind": peak_kind,
         "train_runtime_s": round(runtime, 2),
