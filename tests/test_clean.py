@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prodtune.clean as clean
+import prodtune.rawdata as rawdata
 from prodtune.clean import (cap_text, clean_data, clean_stage, clean_text, normalize_text, remove_boilerplate,
                             strip_tags, text_key, unescape_entities)
 from prodtune.config import DataConfig, load_config
@@ -162,7 +163,7 @@ def test_duplicates_are_found_across_chunks(tmp_path):
 
 def test_slow_line_by_line_parse_gives_the_same_rows(tmp_path, monkeypatch):
     fast, fast_rows = run(tmp_path, DIRTY, chunk_rows=5)
-    monkeypatch.setattr(clean, "_parse_arrow", lambda chunk, drop_empty: None)
+    monkeypatch.setattr(rawdata, "_parse_arrow", lambda chunk, drop_empty: None)
     slow, slow_rows = run(tmp_path, DIRTY, chunk_rows=5)
     assert slow_rows == fast_rows
     assert (slow["dropped"], slow["changed"]) == (fast["dropped"], fast["changed"])
