@@ -11,8 +11,7 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCH_LOGS=recompiles BE
 card=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)
 echo "card: $card"
 if [[ -z "${1:-}" ]]; then
-  if [[ "$card" == *H200* ]]; then configs=reference,fast,fast-ckpt2,small
-  else configs=reference,fast,fast-ckpt,small; fi
+  configs=reference,fast,fast-ckpt,small
 else configs=$1; fi
 python3 -c 'import torch, transformers, trl, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__)'
 [[ -n "${GPU_TESTS:-}" ]] && timeout 240 python3 -m pytest -q -m gpu tests/test_fast.py -k "True" -p no:cacheprovider 2>&1 | tail -15
