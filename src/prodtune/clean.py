@@ -308,10 +308,10 @@ def clean_chunk(chunk: Chunk, data: DataConfig) -> ChunkResult:
         uids, titles, contents, lines = _take(keep, uids, titles, contents, lines)
 
     raw_titles, raw_contents = list(titles), list(contents)  # for the examples of later drops
-    title_edits = clean_column(titles, data, content=False)
-    # The fast path still has the contents as Arrow strings: find what needs normalizing in bulk.
-    scan = None if rows.content_column is None else rows_to_normalize(rows.content_column)
-    content_edits = clean_column(contents, data, content=True, to_normalize=scan)
+    # The fast path still has the text as Arrow strings: find what needs normalizing in bulk.
+    scans = [None, None] if rows.arrow is None else [rows_to_normalize(c) for c in rows.arrow.columns[1:]]
+    title_edits = clean_column(titles, data, content=False, to_normalize=scans[0])
+    content_edits = clean_column(contents, data, content=True, to_normalize=scans[1])
     for rule in ("entities", "html", "boilerplate", "unicode"):
         _count_edits(res, rule, title_edits.get(rule, []), content_edits.get(rule, []), lines, uids)
 

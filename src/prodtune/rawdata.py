@@ -85,8 +85,8 @@ class Rows:
     empty: int = 0
     """Rows with an empty title or content already left out (the fast path does this in bulk)."""
     empty_examples: list[tuple[int, str, str, str]] = field(default_factory=list)
-    content_column: pa.ChunkedArray | None = None
-    """The contents as Arrow strings, aligned with `contents` (fast path only)."""
+    arrow: pa.Table | None = None
+    """The fast path's (uid, title, content) as Arrow strings, aligned with the lists."""
 
 
 def open_chunks(source: str, chunk_rows: int) -> tuple[Iterator[Chunk], int | None, str]:
@@ -197,14 +197,20 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[Chunk]:
                     f"({broken}); the {line_no + count - 1} lines before it were kept")
             yield chunk([rest], chunk_start, len(rest), line_no, count, tail)
         elif nbytes:
-            last = pieces[-1][-1:] if compressed else _last_byte(path, block_start)
+            last = pieces[-1][-1:] if compressed else _read_range(path, block_start - 1, 1)
             yield chunk(pieces, chunk_start, nbytes, line_no, count + (last != b"\n"))
 
 
-def _last_byte(path: Path, size: int) -> bytes:
+def _read_range(path: str | Path, offset: int, n: int) -> bytes:
+    if hasattr(os, "pread"):  # a third of the CPU time of a buffered read of tens of MB
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            os.close(fd)
     with open(path, "rb") as f:
-        f.seek(size - 1)
-        return f.read(1)
+        f.seek(offset)
+        return f.read(n)
 
 
 def _array_chunks(path: Path, head: list[bytes], stream: Any, chunk_rows: int, raw: Any) -> Iterator[Chunk]:
@@ -378,16 +384,14 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
             table, lines = table.filter(keep), lines[keep.to_numpy(zero_copy_only=False)]
     rows.uids, rows.titles, rows.contents = (table.column(k).to_pylist() for k in chunk.fields)
     rows.lines = lines.tolist()
-    rows.content_column = table.column(content_key)
+    rows.arrow = table
     return rows
 
 
 def parse_chunk(chunk: Chunk, drop_missing: bool = True) -> Rows:
     """Decode a chunk's records; malformed lines are listed, never fatal."""
     if chunk.blob is None:
-        with open(chunk.path, "rb") as f:  # type: ignore[arg-type]
-            f.seek(chunk.offset)
-            chunk.blob = f.read(chunk.nbytes)
+        chunk.blob = _read_range(chunk.path, chunk.offset, chunk.nbytes)  # type: ignore[arg-type]
     rows = None if chunk.objects is not None else _parse_arrow(chunk, drop_missing)
     if rows is None:
         rows = Rows()
