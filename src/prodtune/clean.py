@@ -109,11 +109,12 @@ def normalize_text(text: str) -> str:
     """NFKC, invisible characters removed, control characters and whitespace runs -> one space."""
     if not text.isascii() and not unicodedata.is_normalized("NFKC", text):  # the check is cheap
         text = unicodedata.normalize("NFKC", text)
-    if not text.isprintable():  # controls, but also the invisible (format) characters
-        text = _CONTROL.sub(" ", _INVISIBLE.sub("", text))
-    elif "  " not in text and text[:1] != " " and text[-1:] != " ":
-        return text
-    return " ".join(text.split())
+    if not text.isprintable():  # controls, invisible (format) characters, odd spaces
+        return " ".join(_CONTROL.sub(" ", _INVISIBLE.sub("", text)).split())
+    # Printable text has no whitespace but " ": replace() is several times faster than split().
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text.strip(" ")
 
 
 def text_key(text: str) -> str:
