@@ -178,6 +178,17 @@ def test_worker_processes_give_the_same_file(tmp_path, monkeypatch):
     assert list(two.items()) == list(one.items())  # same rows, same order
 
 
+def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    raw = write_raw(tmp_path / "raw.json", 2000, seed=1)
+    monkeypatch.setattr(clean, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(clean, "clean_chunk", lambda chunk, data: os._exit(9))  # as if killed (OOM)
+    with pytest.raises(BrokenProcessPool):
+        run(tmp_path, raw, chunk_rows=500, clean_workers=2)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_lines_are_reported_by_line_and_good_rows_kept(tmp_path, caplog):

@@ -27,6 +27,7 @@ import unicodedata
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,18 +363,24 @@ def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterato
     # fork where there is one: no `if __name__ == "__main__"` guard needed in a user's script, and
     # pyarrow's thread pools are fork-safe (apache/arrow#14594). The warning Python 3.12+ gives
     # about forking a process with threads concerns other libraries' threads, not ours.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (out of memory) raises
+    # BrokenProcessPool here instead of leaving us waiting forever.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        pool = multiprocessing.get_context(method).Pool(workers, initializer=_in_worker)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_in_worker)
     with pool, tempfile.TemporaryDirectory(prefix="prodtune-clean-", ignore_cleanup_errors=True) as spill:
         pending: deque = deque()
-        for k, chunk in enumerate(chunks):
-            pending.append(pool.apply_async(_clean_in_worker, (chunk, data, os.path.join(spill, f"{k}.arrow"))))
-            if len(pending) >= 2 * workers:
-                yield _unspill(pending.popleft().get())
-        while pending:
-            yield _unspill(pending.popleft().get())
+        try:
+            for k, chunk in enumerate(chunks):
+                pending.append(pool.submit(_clean_in_worker, chunk, data, os.path.join(spill, f"{k}.arrow")))
+                if len(pending) >= 2 * workers:
+                    yield _unspill(pending.popleft().result())
+            while pending:
+                yield _unspill(pending.popleft().result())
+        except BaseException:  # an error, Ctrl-C, or the consumer stopped: drop the queued chunks
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _clean_in_worker(chunk: Chunk, data: DataConfig, spill: str) -> ChunkResult:
