@@ -128,9 +128,11 @@ def cap_text(text: str, max_chars: int) -> str:
     if len(text) <= max_chars:
         return text
     head = text[: max_chars + 1]
-    ends = [m.end() for m in _SENTENCE_END.finditer(head)]
-    if ends and ends[-1] > max_chars // 2:
-        return head[: ends[-1]].rstrip()
+    end = 0
+    for m in _SENTENCE_END.finditer(head, max(0, max_chars // 2 - 8)):  # the second half only
+        end = m.end()
+    if end > max_chars // 2:
+        return head[:end].rstrip()
     space = head.rfind(" ")
     return (head[:space] if space > max_chars // 2 else head[:max_chars]).rstrip()
 
