@@ -190,6 +190,8 @@ class EvalConfig:
     """Sampling temperature (with do_sample)."""
     top_p: float = 0.9
     """Nucleus sampling (with do_sample)."""
+    repetition_penalty: float = 1.0
+    """Penalty on tokens the answer already used (1.0 = off; ~1.2-1.3 stops small models looping)."""
     seed: int = 3407
     """Seed for sampling and the bootstrap."""
     bootstrap_samples: int = 1000
