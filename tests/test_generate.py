@@ -40,6 +40,14 @@ def test_batched_equals_one_at_a_time(peft_model):
     assert len(set(batched.answers)) > 1  # not all the same string: the test can tell answers apart
 
 
+def test_repetition_penalty_keeps_batched_equal_and_changes_answers(peft_model):
+    model, tok = peft_model
+    cfg = EvalConfig(max_new_tokens=12, batch_size=3, repetition_penalty=2.0)
+    batched = generate(model, tok, prompts(), cfg)
+    assert batched == generate(model, tok, prompts(), replace(cfg, batch_size=1))
+    assert batched.answers != generate(model, tok, prompts(), replace(cfg, repetition_penalty=1.0)).answers
+
+
 def test_adapter_off_gives_base_model_answers(peft_model, tiny_run):
     model, tok = peft_model
     cfg = EvalConfig(max_new_tokens=8, batch_size=4)

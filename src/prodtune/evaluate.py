@@ -304,7 +304,9 @@ def compare_stage(cfg: Config) -> dict[str, Any]:
     info = {"run": cfg.run_name, "model": cfg.model.name_or_path, "adapter": str(paths.adapter),
             "embedding_model": embedder or "(skipped)", "max_new_tokens": cfg.eval.max_new_tokens,
             "decoding": (f"sampling (temperature {cfg.eval.temperature}, top_p {cfg.eval.top_p}, "
-                         f"seed {cfg.eval.seed})" if cfg.eval.do_sample else "greedy"),
+                         f"seed {cfg.eval.seed})" if cfg.eval.do_sample else "greedy")
+                        + (f", repetition penalty {cfg.eval.repetition_penalty} on answer tokens"
+                           if cfg.eval.repetition_penalty != 1.0 else ""),
             "bootstrap_samples": cfg.eval.bootstrap_samples, "stop_tokens": stops}
     write_reports(paths, metrics, table, info)
     return {"n": len(rows), "metrics": metrics, "answers_csv": str(paths.answers_csv),

@@ -86,10 +86,34 @@ def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
 
 # ----------------------------------------------------------------------------- generation
 
+def _answer_repetition_penalty(start: int, penalty: float) -> Any:
+    """transformers' repetition penalty applied to the answer's own tokens only.
+
+    The stock processor also penalizes every prompt token, and with left padding the pad token
+    too, so a padded row would decode differently from the same prompt alone; and penalizing the
+    prompt discourages naming the product, which a good description does.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    class AnswerRepetitionPenalty(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            answer = input_ids[:, start:]  # (batch, tokens generated so far)
+            if answer.shape[1] == 0:
+                return scores
+            picked = scores.gather(1, answer)
+            picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+            return scores.scatter(1, answer, picked)
+
+    return AnswerRepetitionPenalty()
+
+
+
 def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int],
                  batch_size: int, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 min_new_tokens: int = 0, desc: str = "generate") -> list[list[int]]:
+                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                 desc: str = "generate") -> list[list[int]]:
     """New token ids for each prompt (order kept), generated in left-padded batches.
 
     Prompts are sorted by length so each batch pads little; the longest batch goes first so an
@@ -121,8 +145,13 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_i
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 attention[row, width - len(ids):] = 1
+            extra = {}
+            if repetition_penalty != 1.0:
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList([_answer_repetition_penalty(width, repetition_penalty)])
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  **gen_kwargs)
+                                  **gen_kwargs, **extra)
             for row, i in enumerate(idx):
                 out[i] = seqs[row, width:].tolist()
             bar.update(len(idx))
@@ -141,12 +170,15 @@ def trim_at_stop(ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
 def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], eval_cfg: EvalConfig,
              desc: str = "generate") -> Generated:
     """Answers to chat prompts (lists of messages) with whether each ended on end-of-turn."""
+    if eval_cfg.repetition_penalty <= 0:
+        raise UserError(f"eval.repetition_penalty={eval_cfg.repetition_penalty}: must be > 0 (1.0 = off)")
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     new = generate_ids(model, encode_prompts(tokenizer, prompts), pad_id=pad_id, stop_ids=stops,
                        batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
                        do_sample=eval_cfg.do_sample, temperature=eval_cfg.temperature,
-                       top_p=eval_cfg.top_p, seed=eval_cfg.seed, desc=desc)
+                       top_p=eval_cfg.top_p, seed=eval_cfg.seed,
+                       repetition_penalty=eval_cfg.repetition_penalty, desc=desc)
     answers, stopped, counts = [], [], []
     for ids in new:
         # Finished rows are padded with pad_id after their stop token; trimming at the stop drops it.
