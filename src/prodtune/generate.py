@@ -108,7 +108,6 @@ def _answer_repetition_penalty(start: int, penalty: float) -> Any:
     return AnswerRepetitionPenalty()
 
 
-
 def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int],
                  batch_size: int, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -121,6 +120,7 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_i
     """
     import torch
     from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
 
     if do_sample:
         torch.manual_seed(seed)
@@ -145,13 +145,10 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_i
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 attention[row, width - len(ids):] = 1
-            extra = {}
-            if repetition_penalty != 1.0:
-                from transformers import LogitsProcessorList
-
-                extra["logits_processor"] = LogitsProcessorList([_answer_repetition_penalty(width, repetition_penalty)])
+            processors = ([_answer_repetition_penalty(width, repetition_penalty)]
+                          if repetition_penalty != 1.0 else [])
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  **gen_kwargs, **extra)
+                                  logits_processor=LogitsProcessorList(processors), **gen_kwargs)
             for row, i in enumerate(idx):
                 out[i] = seqs[row, width:].tolist()
             bar.update(len(idx))
