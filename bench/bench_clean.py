@@ -139,9 +139,9 @@ def measure(name: str, raw: Path, out: Path, workers: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def raw_file(rows: int, seed: int) -> Path:
-    from prodtune.synth import write_raw
+    from prodtune.synth import VERSION, write_raw
 
-    path = CACHE / f"trn-{rows}-s{seed}.json"
+    path = CACHE / f"trn-{rows}-s{seed}-v{VERSION}.json"
     if path.is_file():
         print(f"input: {path} (cached, {path.stat().st_size / 2**20:.0f} MiB)")
         return path

@@ -20,6 +20,8 @@ from typing import Any
 
 from prodtune.io import atomic_path
 
+VERSION = 2  # bumped when the output for a given (n_rows, seed) changes; caches key on it
+
 # Shares of rows (or of non-empty contents) that carry each kind of dirt.
 EMPTY_CONTENT = 0.45      # content "" (the full file: roughly 40-50%)
 BLANK_CONTENT = 0.005     # content of spaces / <br> only
@@ -33,6 +35,8 @@ ENTITIES = 0.17           # &#8217; &#x2019; &amp; &quot; &mdash; &#160; ...
 DOUBLE_ESCAPED = 0.02     # &amp;#8217; &amp;quot; ...
 BOILERPLATE = 0.24        # "--This text refers to thePaperbackedition." and variants
 ODD_UNICODE = 0.03        # NBSP, zero-width space, full-width letters, ligatures, combining marks
+LABELS_MEAN = 22          # target_ind per row: LF-AmazonTitles-1.3M averages 22.2 labels a point
+N_LABELS = 1_305_265      # ... out of 1,305,265 labels
 
 _WORDS = """
 the a of and for with in to on by from this that your our is are was be it its as at or an
@@ -148,9 +152,9 @@ def make_rows(n_rows: int, seed: int = 0) -> Iterator[dict[str, Any]]:
             recent.append((title, content))
         elif content and rng.random() < 0.01:
             recent[rng.randrange(len(recent))] = (title, content)
-        k = rng.randint(1, 12)
+        k = min(1 + int(rng.expovariate(1 / LABELS_MEAN)), 200)
         yield {"uid": _uid(rng), "title": title, "content": content,
-               "target_ind": [rng.getrandbits(20) for _ in range(k)], "target_rel": [1.0] * k}
+               "target_ind": [rng.randrange(N_LABELS) for _ in range(k)], "target_rel": [1.0] * k}
 
 
 def write_raw(path: str | Path, n_rows: int, seed: int = 0) -> Path:
