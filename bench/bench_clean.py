@@ -35,7 +35,7 @@ CACHE = Path(tempfile.gettempdir()) / "prodtune-bench"
 GIB = 1 << 30
 
 
-# ----------------------------------------------------------------------------- the two approaches (run in a child)
+# ----------------------------------------------------------------------------- the approaches (in a child)
 
 def run_prodtune(raw: str, out: str, workers: int) -> dict:
     from prodtune.config import DataConfig
@@ -74,7 +74,8 @@ def child_main(name: str, raw: str, out: str, workers: int) -> None:
     result = APPROACHES[name](raw, out, workers)
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     cpu = sum(u.ru_utime + u.ru_stime for u in usage) - cpu0  # worker processes included
-    print(json.dumps(result | {"cpu_seconds": cpu, "max_rss_one_process": max(u.ru_maxrss for u in usage) * 1024}))
+    biggest = max(u.ru_maxrss for u in usage) * 1024
+    print(json.dumps(result | {"cpu_seconds": cpu, "max_rss_one_process": biggest}))
 
 
 # ----------------------------------------------------------------------------- memory of a process tree
@@ -168,7 +169,8 @@ def table(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['approach']:<10} {r['rows']:>10,} {r['kept']:>10,} {r['seconds']:>8.1f} "
-                     f"{r['cpu_seconds']:>7.1f} {r['rows_per_second']:>10,.0f} {r['rows'] / r['cpu_seconds']:>10,.0f} "
+                     f"{r['cpu_seconds']:>7.1f} {r['rows_per_second']:>10,.0f} "
+                     f"{r['rows'] / r['cpu_seconds']:>10,.0f} "
                      f"{r['peak_rss_tree'] / GIB:>7.2f} G {r['peak_pss_tree'] / GIB:>7.2f} G "
                      f"{r['max_rss_one_process'] / GIB:>6.2f} G")
     return "\n".join(lines)
@@ -203,7 +205,8 @@ def main() -> None:
     if len(by) == 2:
         ratio = by["prodtune"]["rows_per_second"] / by["pandas"]["rows_per_second"]
         cpu_ratio = by["pandas"]["cpu_seconds"] / by["prodtune"]["cpu_seconds"]
-        print(f"speed ratio prodtune / pandas: {ratio:.1f}x rows/s (wall), {cpu_ratio:.1f}x rows per CPU second")
+        print(f"speed ratio prodtune / pandas: {ratio:.1f}x rows/s (wall), "
+              f"{cpu_ratio:.1f}x rows per CPU second")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} "
           f"on {os.cpu_count()} CPUs ({cpu_name()})")
 

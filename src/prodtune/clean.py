@@ -248,7 +248,8 @@ def _diff_window(before: str, after: str) -> tuple[str, str]:
     while i < limit and before[i] == after[i]:
         i += 1
     start = max(0, i - 60)
-    return tuple(("…" if start else "") + excerpt(s[start:]) for s in (before, after))  # type: ignore[return-value]
+    lead = "…" if start else ""
+    return lead + excerpt(before[start:]), lead + excerpt(after[start:])
 
 
 try:  # xxhash comes with datasets; blake2b is the slower stand-in
@@ -367,7 +368,8 @@ def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterato
     # about forking a process with threads concerns other libraries' threads, not ours.
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (out of memory) raises
     # BrokenProcessPool here instead of leaving us waiting forever.
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_in_worker)
