@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prodtune import models
+from prodtune import fast, models
 from prodtune.config import Config, LoraConfig, TrainConfig, save_config
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, atomic_dir, read_jsonl, write_json
@@ -38,11 +38,13 @@ class Plan:
     dtype: Any
     """Compute dtype (torch.bfloat16 / float16 / float32)."""
     speed: str
-    """Training path: 'plain' (TRL as is); issue 6 adds the faster GPU paths."""
+    """Training path: 'plain' (TRL as is), 'fast' or 'small' (GPU speed paths, prodtune.fast)."""
     packing: bool
     """Padding-free packing of examples into max_length rows."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass."""
+    speed_plan: Any = None
+    """prodtune.fast.SpeedPlan: token batches, attention kernel, compile, dequantize-once."""
 
     @property
     def precision(self) -> str:
@@ -55,28 +57,21 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
     on_gpu = device == "cuda"
     packing = on_gpu if train_cfg.packing == "auto" else bool(train_cfg.packing)
     checkpointing = on_gpu if train_cfg.gradient_checkpointing == "auto" else bool(train_cfg.gradient_checkpointing)
-    return Plan(device=device, dtype=models.compute_dtype(model_cfg, device),
-                speed=resolve_speed(train_cfg.speed, device), packing=packing,
-                gradient_checkpointing=checkpointing)
+    # GPU speed paths (issue 6): the card's memory picks fast or small unless train.speed says.
+    speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
+    if speed.path != "plain":
+        packing, checkpointing = True, speed.checkpoint_every > 0
+    return Plan(device=device, dtype=models.compute_dtype(model_cfg, device), speed=speed.path,
+                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed)
 
 
-SPEED_PATHS = ("plain",)
-"""Training paths implemented so far; issue 6 (GPU speed) adds 'fast' and 'small'."""
+def _device_for_plan(device: str) -> Any:
+    """The torch device this process trains on (its own GPU under accelerate launch)."""
+    import os
 
-
-def resolve_speed(setting: str, device: str) -> str:
-    """The training path for train.speed on this device: a CPU always runs the plain path.
-
-    GPU speed (issue 6) plugs in here and in `build_trainer`: 'auto' will pick 'fast' or
-    'small' from the card's memory, and those paths swap in their collator/trainer settings.
-    """
-    if device == "cpu":
-        return "plain"
-    if setting == "auto":
-        return "plain"
-    if setting not in SPEED_PATHS:
-        raise UserError(f"train.speed={setting} is not implemented yet; use train.speed=plain (or auto)")
-    return setting
+    if device != "cuda":
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -107,7 +102,7 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
     from trl import SFTConfig
 
     t = train_cfg
-    return SFTConfig(
+    kwargs = dict(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
@@ -131,6 +126,13 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         report_to="none",  # TensorBoard is attached by hand to write into train/tensorboard
         dataloader_num_workers=0,
     )
+    overrides = fast.sft_overrides(plan.speed_plan, t) if plan.speed_plan is not None else {}
+    if overrides:
+        # The speed paths set token batches and (per-n-layer) checkpointing themselves.
+        kwargs.pop("activation_checkpointing")
+        kwargs.pop("activation_checkpointing_kwargs")
+        kwargs.update(overrides)
+    return SFTConfig(**kwargs)
 
 
 def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_cfg: LoraConfig,
@@ -157,6 +159,9 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
+    if plan.speed_plan is not None:
+        # bf16 frozen weights, FlexAttention document mask, dequantize-once, compiled layers.
+        trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan)
     return trainer
 
 
@@ -327,6 +332,8 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
         "precision": plan.precision,
         "load_in_4bit": cfg.model.load_in_4bit,
         "speed": plan.speed,
+        "speed_plan": plan.speed_plan.describe() if plan.speed_plan is not None else None,
+        "speed_prepared": getattr(trainer, "prodtune_speed", None),
         "packing": plan.packing,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "trainable_params": trainable,
