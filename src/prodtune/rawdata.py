@@ -16,7 +16,6 @@ import codecs
 import gzip
 import json
 import os
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,10 +36,6 @@ _MAX_PENDING = 16 << 20  # a JSON array element longer than this is taken as bro
 _BLOCK_BYTES = 4 << 20
 _N_EMPTY_EXAMPLES = 3
 _STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
-# `, "target_ind": [1, 2]` as a member of a line's object. A quote inside a JSON string is
-# escaped (\"), so this cannot match text in a title or content; if the line is not valid JSON
-# the chunk goes to the line-by-line parse, which reads the original bytes.
-_LABEL_LISTS = re.compile(rb',\s*"target_(?:ind|rel)"\s*:\s*\[[^\[\]\n]*\]')
 
 
 def excerpt(text: str, n: int = EXAMPLE_CHARS) -> str:
@@ -364,11 +359,8 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
     if uid_key is None or chunk.n_lines == 0:
         return None
     schema = pa.schema([(k, pa.string()) for k in chunk.fields])
-    blob = chunk.blob
-    if chunk.fields == RAW_FIELDS:  # the label lists are ~40% of trn.json and unused: cut them first
-        blob = _LABEL_LISTS.sub(b"", blob)  # (this pass costs less than pyarrow parsing them)
     try:
-        table = pj.read_json(pa.BufferReader(blob),
+        table = pj.read_json(pa.BufferReader(chunk.blob),
                              read_options=pj.ReadOptions(block_size=_BLOCK_BYTES, use_threads=ARROW_THREADS),
                              parse_options=pj.ParseOptions(explicit_schema=schema,
                                                            unexpected_field_behavior="ignore"))
