@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prodtune import distributed
 from prodtune.config import ModelConfig
 from prodtune.errors import UserError
 
@@ -143,11 +144,14 @@ def quantization_config(cfg: ModelConfig, dtype: Any, enabled: bool | None = Non
     or model.load_in_4bit when `enabled` is None)."""
     if not (cfg.load_in_4bit if enabled is None else enabled):
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
+    # FSDP shards only floating-point tensors of one dtype: store the 4-bit data in the compute dtype.
+    storage = dtype if distributed.uses_fsdp() else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -169,7 +173,12 @@ def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | 
     quant = quantization_config(cfg, dtype, enabled=quantize)
     path = path or local_model_path(cfg)
     # A device map puts each weight straight where it runs; bitsandbytes quantizes as it loads.
-    device_map = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    # Under `accelerate launch` each process puts its whole copy on its own GPU (data parallel);
+    # under FSDP there is no map: FSDP itself shards the model over the GPUs.
+    device_map = {"": distributed.local_device_index() if device == "cuda" else "cpu"}
+    fsdp = training and distributed.uses_fsdp()
+    if fsdp:
+        device_map = None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=quant, device_map=device_map,
@@ -177,7 +186,8 @@ def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | 
     except OSError as e:
         raise UserError(f"cannot load the model '{cfg.name_or_path}' ({str(e).splitlines()[0]}); "
                         "check model.name_or_path, or that the hub is reachable") from None
-    if training and quant is not None:
+    if training and quant is not None and not fsdp:
+        # (Not under FSDP: its float32 casts would mix dtypes inside the layers FSDP shards.)
         from peft import prepare_model_for_kbit_training
 
         if device == "cpu":
