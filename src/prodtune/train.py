@@ -17,14 +17,14 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prodtune import fast, models
+from prodtune import distributed, fast, models
 from prodtune.config import Config, LoraConfig, TrainConfig, save_config
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, atomic_dir, read_jsonl, write_json
+from prodtune.io import RunPaths, atomic_dir, read_json, read_jsonl, write_json
 
 
 # ----------------------------------------------------------------------------- how this run trains
@@ -45,6 +45,8 @@ class Plan:
     """Recompute activations in the backward pass."""
     speed_plan: Any = None
     """prodtune.fast.SpeedPlan: token batches, attention kernel, compile, dequantize-once."""
+    batch: Any = None
+    """prodtune.distributed.BatchSplit: this process's micro-batch and accumulation (global batch kept)."""
 
     @property
     def precision(self) -> str:
@@ -52,26 +54,38 @@ class Plan:
 
 
 def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
-    """Settle device, precision, speed path, packing and checkpointing for this machine."""
+    """Settle device, precision, speed path, packing, checkpointing and, under several
+    processes, each one's share of the optimizer step's batch."""
     device = models.pick_device(train_cfg.device)
     on_gpu = device == "cuda"
     packing = on_gpu if train_cfg.packing == "auto" else bool(train_cfg.packing)
     checkpointing = on_gpu if train_cfg.gradient_checkpointing == "auto" else bool(train_cfg.gradient_checkpointing)
+    if on_gpu and distributed.uses_fsdp() and train_cfg.speed in ("auto", "fast"):
+        # The fast path keeps a bf16 copy of the whole base on every GPU: what FSDP is there to avoid.
+        if train_cfg.speed == "fast":
+            raise UserError("train.speed=fast keeps a full bf16 copy of the base on every GPU and cannot "
+                            "run under FSDP; use train.speed=auto (small) or plain")
+        train_cfg = replace(train_cfg, speed="small")
     # GPU speed paths (issue 6): the card's memory picks fast or small unless train.speed says.
     speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
+    # Data parallel (issue 7): N processes share one optimizer step, so the global batch, and with
+    # it the result, is the one-GPU run's (token batches: 16k tokens per step on any GPU count).
+    processes = distributed.world_size()
     if speed.path != "plain":
         packing, checkpointing = True, speed.checkpoint_every > 0
+        batch = distributed.split_batch(speed.rows, speed.grad_accum, processes)
+        speed = replace(speed, rows=batch.per_device, grad_accum=batch.accum)
+    else:
+        batch = distributed.split_batch(train_cfg.batch_size, train_cfg.grad_accum, processes)
     return Plan(device=device, dtype=models.compute_dtype(model_cfg, device), speed=speed.path,
-                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed)
+                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed, batch=batch)
 
 
 def _device_for_plan(device: str) -> Any:
     """The torch device this process trains on (its own GPU under accelerate launch)."""
-    import os
-
     if device != "cuda":
         return device
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return f"cuda:{distributed.local_device_index()}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -102,11 +116,12 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
     from trl import SFTConfig
 
     t = train_cfg
+    batch = plan.batch or distributed.split_batch(t.batch_size, t.grad_accum, 1)
     kwargs = dict(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=batch.per_device, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=batch.accum,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, optim=t.optim, max_grad_norm=t.max_grad_norm, seed=t.seed,
         max_length=t.max_length, packing=plan.packing,
@@ -125,6 +140,10 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         include_num_input_tokens_seen="all" if plan.packing else "non_padding",
         report_to="none",  # TensorBoard is attached by hand to write into train/tensorboard
         dataloader_num_workers=0,
+        # DDP (accelerate launch): every LoRA weight gets a gradient in every step, so DDP need not
+        # search the graph for unused ones; the buffers are constants (RoPE tables, the fast path's
+        # bf16 copy of the base), so they are not re-sent from rank 0 before every forward.
+        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
     )
     overrides = fast.sft_overrides(plan.speed_plan, t) if plan.speed_plan is not None else {}
     if overrides:
@@ -244,43 +263,57 @@ def _peak_memory(device: str) -> tuple[float, str]:
 def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune LoRA adapters on format/train.jsonl; write train/adapter and the training report.
 
-    `callbacks` are extra transformers TrainerCallbacks (notebooks, tests).
+    `callbacks` are extra transformers TrainerCallbacks (notebooks, tests). Under `accelerate
+    launch` (or torchrun) every process runs this function; rank 0 alone writes the run folder's
+    files, and the Trainer saves checkpoints from rank 0 too. Other ranks return rank 0's report
+    with an empty summary.
     """
     import torch
 
     started = time.time()
     paths = RunPaths(cfg.run_dir)
-    save_config(cfg, paths.config)
+    main = distributed.is_main_process()
+    if main:
+        save_config(cfg, paths.config)
     checkpoint, resumed = None, {}
     if resume:
-        checkpoint = last_checkpoint(paths)
+        # Rank 0 picks the checkpoint, so every process resumes from the same one.
+        checkpoint = distributed.broadcast(last_checkpoint(paths))
         if checkpoint is None:
             raise UserError(f"--resume: no complete checkpoint in '{paths.checkpoints}'; "
                             "run 'prodtune train' without --resume to start from scratch")
         resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     train_ds, eval_ds = load_splits(paths, cfg.train.max_eval_samples)
     plan = make_plan(cfg.train, cfg.model)
-    if not resume and paths.checkpoints.exists():
+    if main and not resume and paths.checkpoints.exists():
         print(f"prodtune: starting afresh; removing old checkpoints in {paths.checkpoints}")
         shutil.rmtree(paths.checkpoints)
     paths.train.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # the old checkpoints are gone before any process goes on
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    model_path = models.local_model_path(cfg.model)
+    with distributed.main_process_first():  # a GGUF model is converted once, by rank 0
+        model_path = models.local_model_path(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, model_path)
     model = models.load_model(cfg.model, plan.device, training=True, path=model_path,
                               gradient_checkpointing=plan.gradient_checkpointing)
+    log_callbacks = _log_callbacks(paths, resumed.get("global_step", 0)) if main else []
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg.lora, cfg.train, plan, paths.checkpoints,
-                            callbacks=_log_callbacks(paths, resumed.get("global_step", 0)) + list(callbacks or []),
-                            eval_on_start=not resume)
+                            callbacks=log_callbacks + list(callbacks or []), eval_on_start=not resume)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    print(f"prodtune: training {cfg.model.name_or_path} on {plan.device} ({plan.precision}"
-          f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(trainer.train_dataset)} examples, "
-          f"LoRA r={cfg.lora.r} on {sorted(trainer.model.peft_config['default'].target_modules)}, "
-          f"{trainable:,} trainable of {total:,} parameters")
+    if main:
+        processes = f"; {plan.batch.describe()}" if plan.batch.processes > 1 else ""
+        print(f"prodtune: training {cfg.model.name_or_path} on {plan.device} ({plan.precision}"
+              f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(trainer.train_dataset)} examples, "
+              f"LoRA r={cfg.lora.r} on {sorted(trainer.model.peft_config['default'].target_modules)}, "
+              f"{trainable:,} trainable of {total:,} parameters{processes}")
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    peaks = distributed.gather(_peak_memory(plan.device))  # every process's GPU
+    if not main:
+        distributed.barrier()  # rank 0 writes the adapter and the report
+        return {**read_json(paths.train_report), "summary": ""}
     with atomic_dir(paths.adapter) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -290,22 +323,32 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     log_rows = read_jsonl(paths.train_log)
     plot_loss(log_rows, paths.loss_png, title=f"{Path(cfg.model.name_or_path).name}: LoRA r={cfg.lora.r}")
     report = _train_report(trainer, result.metrics.get("train_runtime", 0.0), log_rows, plan, cfg,
-                           session_tokens_start=resumed.get("num_input_tokens_seen", 0), checkpoint=checkpoint)
+                           session_tokens_start=resumed.get("num_input_tokens_seen", 0), checkpoint=checkpoint,
+                           peaks=peaks)
     report["wall_time_s"] = round(time.time() - started, 2)
     write_json(paths.train_report, report)
+    distributed.barrier()
     losses = (f"validation loss {report['eval_loss_start']:.3f} -> {report['final_eval_loss']:.3f}"
               if report["eval_loss_start"] is not None and report["final_eval_loss"] is not None
               else f"final train loss {report['final_train_loss']}")
     report["summary"] = (
         f"trained {report['steps']} steps ({report['epochs']} epochs, {report['examples']} examples) on "
-        f"{plan.device} in {report['train_runtime_s']:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
+        f"{_where(plan)} in {report['train_runtime_s']:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
         f"adapter: {paths.adapter}\nreport: {paths.train_report}\nloss curve: {paths.loss_png}")
     return report
 
 
+def _where(plan: Plan) -> str:
+    """'cuda', or '4 x cuda' for four data-parallel processes."""
+    processes = plan.batch.processes if plan.batch is not None else 1
+    return f"{processes} x {plan.device}" if processes > 1 else plan.device
+
+
 def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], plan: Plan, cfg: Config,
-                  session_tokens_start: int, checkpoint: Path | None) -> dict[str, Any]:
-    """train_report.json: what was trained, how fast, how much memory, and the losses."""
+                  session_tokens_start: int, checkpoint: Path | None,
+                  peaks: list[tuple[float, str]]) -> dict[str, Any]:
+    """train_report.json: what was trained, how fast, how much memory (the largest of the
+    processes'), and the losses. Token counts and tokens/s are over all processes."""
     import torch
 
     state = trainer.state
@@ -313,7 +356,8 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
     train_losses = [r["loss"] for r in log_rows if r.get("loss") is not None]
     eval_losses = [(r["step"], r["eval_loss"]) for r in log_rows if r.get("eval_loss") is not None]
     session_tokens = state.num_input_tokens_seen - session_tokens_start
-    peak, peak_kind = _peak_memory(plan.device)
+    peak, peak_kind = max(p for p, _ in peaks), peaks[0][1]
+    batch = plan.batch
     return {
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
@@ -323,6 +367,12 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
         "tokens_per_s": round(session_tokens / runtime, 1) if runtime else None,  # validation time included
         "peak_memory_gib": round(peak, 3),
         "peak_memory_kind": peak_kind,
+        "peak_memory_gib_per_process": [round(p, 3) for p, _ in peaks],
+        "processes": batch.processes,
+        "per_device_batch": batch.per_device,  # examples, or packed rows on the speed paths
+        "grad_accum": batch.accum,
+        "global_batch": batch.global_batch,
+        "global_batch_kept": batch.kept,
         "train_runtime_s": round(runtime, 2),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "eval_loss_start": eval_losses[0][1] if eval_losses and eval_losses[0][0] == 0 else None,
