@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import html
 import json
@@ -64,6 +65,7 @@ _TAG = re.compile(r"<!--.*?-->|<\s*/?\s*[A-Za-z][A-Za-z0-9]*\b[^<>]*>", re.DOTAL
 # It starts with a literal so that re can find it with a fast substring search (a leading \s* or
 # (?i) made this rule cost 60 µs a row); the "--This " in front is trimmed by remove_boilerplate.
 _BOILERPLATE = re.compile(r"text refers to\s*[^.]{0,80}?edition(?: of this title)?\.?")
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 _INVISIBLE = re.compile("[\u00ad\u200b\u2060\ufeff]")  # soft hyphen, zero-width space, word joiner, BOM
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NON_WORD = re.compile(r"[\W_]+")
@@ -72,12 +74,38 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
 
 def unescape_entities(text: str) -> str:
     """html.unescape until nothing changes (at most 3 rounds): '&amp;#8217;' -> '&#8217;' -> '’'."""
+    return _unescape(text)[0]
+
+
+@functools.lru_cache(maxsize=8192)
+def _charref(ref: str) -> tuple[str, bool]:
+    """html.unescape of one entity, and whether normalize_text could never change what it gives:
+    letters, digits, punctuation or symbols, NFKC-stable, none that composes with a neighbour."""
+    text = html.unescape(ref)
+    safe = unicodedata.is_normalized("NFKC", text) and all(
+        unicodedata.category(ch)[0] in "LNPS" and not unicodedata.combining(ch)
+        and not 0x1100 <= ord(ch) <= 0x11FF for ch in text)  # Hangul jamo compose too
+    return text, safe
+
+
+def _unescape(text: str) -> tuple[str, bool]:
+    """unescape_entities, and whether every replacement was safe (see _charref)."""
+    safe = True
+
+    def one(m: re.Match) -> str:
+        nonlocal safe
+        new, ok = _charref(m.group(0))
+        safe = safe and ok
+        return new
+
     for _ in range(3):
-        new = html.unescape(text)
+        # html.unescape's own pattern: a reference's replacement depends on its match alone, so
+        # this gives html.unescape's result, with each distinct entity looked up once (cached).
+        new = _CHARREF.sub(one, text)
         if new == text or "&" not in new:
-            return new
+            return new, safe
         text = new
-    return text
+    return text, safe
 
 
 def strip_tags(text: str) -> str:
@@ -149,18 +177,20 @@ def clean_column(texts: list[str], data: DataConfig, content: bool,
     text just before and after for the first few. `to_normalize`, when given, lists the rows of the
     raw column that need_normalizing (found faster in bulk by rows_to_normalize).
     """
-    rules = [("entities", data.unescape_entities, "&", unescape_entities),
+    rules = [("entities", data.unescape_entities, "&", _unescape),
              ("html", data.strip_html, "<", strip_tags),
              ("boilerplate", content and data.remove_boilerplate, "text refers to", remove_boilerplate)]
     edits: dict[str, list[Edit]] = {}
+    unsafe: set[int] = set()  # rows given a character by an entity that normalizing might change
     for rule, wanted, test, fn in rules:
         if wanted:
-            edits[rule] = _edit(texts, [i for i, s in enumerate(texts) if test in s], fn)
+            found = [i for i, s in enumerate(texts) if test in s]
+            edits[rule] = _edit(texts, found, fn, unsafe if rule == "entities" else None)
     if data.normalize_unicode:
         if to_normalize is None:
             rows = [i for i, s in enumerate(texts) if needs_normalizing(s)]
-        else:  # the bulk scan saw the raw text: recheck the rows that entities or tags changed
-            touched = {e[0] for rule in ("entities", "html") for e in edits.get(rule, ())}
+        else:  # the bulk scan saw the raw text: recheck rows that unsafe entities or tags changed
+            touched = unsafe | {e[0] for e in edits.get("html", ())}
             rows = sorted(set(to_normalize.tolist()) | {i for i in touched if needs_normalizing(texts[i])})
         edits["unicode"] = _edit(texts, rows, normalize_text)
     else:
@@ -194,11 +224,16 @@ def rows_to_normalize(column: pa.ChunkedArray) -> np.ndarray:
     return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
 
-def _edit(texts: list[str], rows: list[int], fn: Any) -> list[Edit]:
+def _edit(texts: list[str], rows: list[int], fn: Any, unsafe: set[int] | None = None) -> list[Edit]:
+    """Apply fn to texts[i] for i in rows; with `unsafe`, fn gives (text, safe) and unsafe rows are noted."""
     changed: list[Edit] = []
     for i in rows:
         before = texts[i]
         after = fn(before)
+        if unsafe is not None:
+            after, safe = after
+            if not safe:
+                unsafe.add(i)
         if after != before:
             texts[i] = after
             changed.append((i, before, after) if len(changed) < N_EXAMPLES else (i, "", ""))
