@@ -393,7 +393,7 @@ def clean_chunk(chunk: Chunk, data: DataConfig) -> ChunkResult:
 # ----------------------------------------------------------------------------- the stage
 
 def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterator[ChunkResult]:
-    """Clean chunks in order, in worker processes when workers > 1 (at most 2 chunks ahead each)."""
+    """Clean chunks in order, in worker processes when workers > 1 (at most 3 chunks ahead each)."""
     if workers <= 1:
         for chunk in chunks:
             yield clean_chunk(chunk, data)
@@ -413,7 +413,7 @@ def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterato
         try:
             for k, chunk in enumerate(chunks):
                 pending.append(pool.submit(_clean_in_worker, chunk, data, os.path.join(spill, f"{k}.arrow")))
-                if len(pending) >= 2 * workers:
+                if len(pending) >= 3 * workers:  # slack for when this process is slow to collect
                     yield _unspill(pending.popleft().result())
             while pending:
                 yield _unspill(pending.popleft().result())
