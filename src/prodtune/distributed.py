@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
+DDP_ARGS: dict[str, Any] = {"ddp_find_unused_parameters": False, "ddp_broadcast_buffers": False}
+"""TrainingArguments for DDP over a LoRA model: every LoRA weight gets a gradient in every step, so
+DDP need not search the graph for unused ones (the Trainer would, for a PeftModel); the buffers
+are constants (RoPE tables, the fast path's bf16 copy of the base), so they are not re-sent from
+rank 0 before every forward. No effect in a single process."""
+
+
 def state() -> Any:
     """accelerate's PartialState for this process (initialises the process group when launched).
 

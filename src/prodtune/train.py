@@ -140,10 +140,7 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         include_num_input_tokens_seen="all" if plan.packing else "non_padding",
         report_to="none",  # TensorBoard is attached by hand to write into train/tensorboard
         dataloader_num_workers=0,
-        # DDP (accelerate launch): every LoRA weight gets a gradient in every step, so DDP need not
-        # search the graph for unused ones; the buffers are constants (RoPE tables, the fast path's
-        # bf16 copy of the base), so they are not re-sent from rank 0 before every forward.
-        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
+        **distributed.DDP_ARGS,  # under accelerate launch: DDP set up for LoRA
     )
     overrides = fast.sft_overrides(plan.speed_plan, t) if plan.speed_plan is not None else {}
     if overrides:
