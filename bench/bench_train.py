@@ -3,6 +3,8 @@
     python bench/bench_train.py                       # Phi-3-mini shape, random weights, on the GPU
     python bench/bench_train.py --tiny                # tiny Phi-3 on the CPU: checks the script runs
     python bench/bench_train.py --configs reference,fast --steps 8 --out /tmp/results
+    python bench/bench_train.py --gpus 1,2,4          # data-parallel scaling of the fast path (issue 7)
+    python bench/bench_train.py --tiny --gpus 1,2     # the same on the CPU, 2 gloo processes: a check
 
 Each configuration runs in its own process (clean peak memory, own compile caches) on the same
 random model (saved once, bf16 safetensors, loaded 4-bit like prodtune's train stage loads it),
@@ -14,6 +16,17 @@ tokens/s x F x N / 790 TFLOP/s with N = 3.82e9 and F = 4 + 2 x (share of checkpo
 (2N forward + 2N backward for a frozen base + 2N recomputed forward where checkpointed), and a
 probe loss: the loss of every configuration on the same 8 examples before training.
 Results: <out>/train-<card>.json (default bench/results/).
+
+Scaling (--gpus 1,2,4; bench/run_multi.sh): one configuration (default `fast`, prodtune's default
+GPU path) launched with `accelerate launch --num_processes N` on the first N GPUs, N from the
+list. The global batch is kept as `prodtune train` keeps it (16k tokens per optimizer step split
+over the GPUs, prodtune.distributed.split_batch), so every count trains the same samples and the
+loss after warmup + steps optimizer steps is comparable; --per-gpu-batch keeps each GPU's
+one-GPU micro-batch instead (the global batch grows with N: weak scaling, to separate the cost of
+smaller micro-batches from the cost of communication). Printed per count: tokens/s over all GPUs,
+speed-up and scaling efficiency (tokens/s / (N x one-GPU tokens/s)), step time, per-GPU
+micro-batch, peak memory of each GPU, the loss at the last step and its difference to one GPU.
+Results: <out>/scaling-<card>-x<N>.json, all logs in <out>/log-scaling.txt.
 """
 
 from __future__ import annotations
@@ -88,19 +101,25 @@ def make_model_dir(folder: Path, tiny: bool) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
+    if not tiny:
+        torch.cuda.empty_cache()  # GPU 0 is the workers' from here on
     return folder
 
 
 # ----------------------------------------------------------------------------- one configuration
 
-def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int) -> dict:
+def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int,
+               scaling: bool = False, per_gpu_batch: bool = False) -> dict | None:
+    """Time one configuration in this process (one rank of several under accelerate launch);
+    the result on rank 0, None on the others."""
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from prodtune import fast, models
+    from prodtune import distributed, fast, models
     from prodtune.config import LoraConfig, ModelConfig, TrainConfig
 
+    processes = distributed.world_size()  # joins the process group under accelerate launch
     train_over, plan_over = CONFIGS[name]
     cuda = torch.cuda.is_available() and not tiny
     device = "cuda" if cuda else "cpu"
@@ -118,6 +137,15 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
                                 dequantize_once=True, attn_implementation="sdpa"))
     if plan_over and speed.path != "plain":
         speed = dataclasses.replace(speed, **plan_over)
+    # Several processes share one optimizer step as `prodtune train` does (train.make_plan),
+    # unless --per-gpu-batch keeps the one-GPU micro-batch on every GPU.
+    if speed.path != "plain":
+        split = distributed.split_batch(speed.rows, speed.grad_accum, 1 if per_gpu_batch else processes)
+        speed = dataclasses.replace(speed, rows=split.per_device, grad_accum=split.accum)
+    else:
+        split = distributed.split_batch(train_cfg.batch_size, train_cfg.grad_accum,
+                                        1 if per_gpu_batch else processes)
+        train_cfg = dataclasses.replace(train_cfg, batch_size=split.per_device, grad_accum=split.accum)
     ckpt = speed.checkpoint_every > 0 if speed.path != "plain" else bool(train_cfg.gradient_checkpointing)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -137,8 +165,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         weight_decay=t.weight_decay, optim=t.optim if cuda else "adamw_torch", max_grad_norm=t.max_grad_norm,
         seed=t.seed, max_length=t.max_length, packing=False, completion_only_loss=True,
         gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
-        bf16=cuda, fp16=False, use_cpu=not cuda, logging_steps=10**6, eval_strategy="no", save_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+        bf16=cuda, fp16=False, use_cpu=not cuda, logging_steps=1 if scaling else 10**6, eval_strategy="no",
+        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, **distributed.DDP_ARGS)
     args.update(fast.sft_overrides(speed, train_cfg))
     if not cuda and speed.path != "plain":
         args["gradient_checkpointing"], args["gradient_checkpointing_kwargs"] = False, None
@@ -171,8 +199,19 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
             sync()
             self.marks.append(time.perf_counter())
 
-    timer = Timer()
+    class Losses(TrainerCallback):
+        """The training loss of each optimizer step (the Trainer's mean over all processes)."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(round(float(logs["loss"]), 5))
+
+    timer, losses = Timer(), Losses()
     trainer.add_callback(timer)
+    trainer.add_callback(losses)
     if os.environ.get("BENCH_PROFILE") == name and cuda:
         trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
 
@@ -184,9 +223,16 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     wall = time.perf_counter() - started
 
     accum = args["gradient_accumulation_steps"]
-    marks = timer.marks
+    marks = timer.marks  # DDP's all-reduce in every backward keeps the processes in step
     timed = marks[warmup + steps] - marks[warmup]
-    tokens = sum(counts[warmup * accum:(warmup + steps) * accum])
+    n_steps = warmup + steps
+    # Real tokens of the timed steps and of all steps, summed over the processes.
+    tokens = sum(distributed.gather(sum(counts[warmup * accum:n_steps * accum])))
+    trained = sum(distributed.gather(sum(counts[:n_steps * accum])))
+    peaks = distributed.gather((round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                round(torch.cuda.max_memory_reserved() / 2**30, 2)) if cuda else (None, None))
+    if not distributed.is_main_process():
+        return None
     tps = tokens / timed
     factor = speed.flops_factor if speed.path != "plain" else (6.0 if ckpt else 4.0)
     step_times = [b - a for a, b in zip(marks, marks[1:])]
@@ -194,15 +240,22 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         "config": name,
         "plan": speed.describe(),
         "prepared": prepared,
+        "processes": processes,
+        "per_device_batch": split.per_device, "grad_accum": split.accum, "global_batch": split.global_batch,
+        "per_gpu_batch_kept": per_gpu_batch,
         "tokens_per_s": round(tps, 1),
         "step_s": round(timed / steps, 4),
         "tokens_per_step": round(tokens / steps, 1),
         "step_times_s": [round(s, 3) for s in step_times],
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "peak_alloc_gib": max((a for a, _ in peaks), default=None) if cuda else None,
+        "peak_reserved_gib": max((r for _, r in peaks), default=None) if cuda else None,
+        "peak_alloc_gib_per_gpu": [a for a, _ in peaks] if cuda else None,
         "flops_per_token": f"{factor:g}N",
-        "mfu": round(tps * factor * N_PARAMS / PEAK_FLOPS, 4),
+        "mfu": round(tps * factor * N_PARAMS / PEAK_FLOPS / processes, 4),  # per GPU
         "probe_loss": probe_loss,
+        "losses": losses.losses,
+        "final_loss": losses.losses[-1] if losses.losses else None,
+        "tokens_trained": trained,  # over all warmup + timed steps: the samples behind final_loss
         "warmup_steps": warmup, "timed_steps": steps, "wall_s": round(wall, 1),
     }
 
@@ -302,6 +355,124 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- scaling over GPUs
+
+def launch_command(n: int, tiny: bool) -> list[str]:
+    """`accelerate launch` for n processes (one per GPU; gloo processes on a CPU with --tiny)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if n > 1:
+        cmd += ["--multi_gpu", "--main_process_port", "0"]  # torchrun underneath; a free port
+    return cmd
+
+
+def visible_gpus(n: int) -> str:
+    """CUDA_VISIBLE_DEVICES for the first n of the GPUs this process may use."""
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = current.split(",") if current else [str(i) for i in range(n)]
+    return ",".join(ids[:n])
+
+
+def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict, card: str, warmup: int,
+                steps: int, n_examples: int, deadline: float | None) -> list[dict]:
+    """Launch `name` on each GPU count of --gpus in turn ('4p': 4 GPUs, per-GPU batch kept);
+    write scaling-<card>-x<N>[-pergpu].json for each. A launch that would not end before
+    `deadline` (judged by the slowest launch so far) is skipped."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log-scaling.txt"
+    runs = [(int(x.rstrip("p")), x.endswith("p")) for x in a.gpus.split(",")]
+    available = max(n for n, _ in runs) if a.tiny else torch_device_count()  # CPU processes: any count
+    results: list[dict] = []
+    for n, per_gpu in runs:
+        left = deadline - time.time() if deadline else a.timeout
+        need = max([45.0] + [r["process_s"] for r in results if "tokens_per_s" in r])
+        base = {"config": name, "processes": n, "per_gpu_batch_kept": per_gpu}
+        if n > available:
+            result = {**base, "error": f"only {available} GPUs visible"}
+        elif left < need:
+            result = {**base, "error": f"skipped: {left:.0f} s of the time budget left, a launch takes ~{need:.0f} s"}
+        else:
+            cmd = launch_command(n, a.tiny) + [
+                __file__, "--worker", name, "--model-dir", str(model_dir), "--warmup", str(warmup),
+                "--steps", str(steps), "--examples", str(n_examples), "--scaling"]
+            cmd += ["--tiny"] if a.tiny else []
+            cmd += ["--per-gpu-batch"] if per_gpu else []
+            env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            if not a.tiny:
+                env["CUDA_VISIBLE_DEVICES"] = visible_gpus(n)
+            result, text = _launch(cmd, env, int(min(a.timeout, left)), base)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(f"\n===== {name} on {n} {'process' if a.tiny else 'GPU'}(s): {' '.join(cmd)}\n{text}")
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        path = out / f"scaling-{card}-x{n}{'-pergpu' if per_gpu else ''}.json"
+        path.write_text(json.dumps({**header, "result": result}, indent=2))
+    return results
+
+
+def torch_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _launch(cmd: list[str], env: dict, timeout: int, base: dict) -> tuple[dict, str]:
+    """Run a worker command; its RESULT line, or the error, and its output."""
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        text = proc.stdout + proc.stderr
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        result = json.loads(line[7:]) if line else {**base, "error": text[-3000:]}
+    except subprocess.TimeoutExpired as e:
+        text = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        result = {**base, "error": f"timeout after {timeout} s"}
+    result["process_s"] = round(time.time() - started, 1)
+    return result, text
+
+
+def scaling_table(results: list[dict], one: dict | None = None) -> str:
+    """One row per run: throughput, speed-up and efficiency against `one` (default: the one-GPU
+    run among `results`), per-GPU micro-batch, memory of each GPU, and the loss at the last step."""
+    one = one or next((r for r in results if r.get("processes") == 1 and "tokens_per_s" in r), None)
+    lines = [f"{'GPUs':>4} {'batch':>7} {'tok/s':>9} {'speed-up':>8} {'effic.':>6} {'step s':>7} {'tok/step':>9} "
+             f"{'rows/GPU':>8} {'peak GiB per GPU':>22} {'loss@end':>9} {'Δ vs 1':>8} {'tokens':>9}"]
+    for r in results:
+        n = r.get("processes", "?")
+        mode = "per-GPU" if r.get("per_gpu_batch_kept") else "global"
+        if "error" in r:
+            lines.append(f"{n:>4} {mode:>7} FAILED: {r['error'][-300:]}")
+            continue
+        speedup = r["tokens_per_s"] / one["tokens_per_s"] if one else None
+        peaks = ",".join(f"{p:g}" for p in r["peak_alloc_gib_per_gpu"]) if r.get("peak_alloc_gib_per_gpu") else "-"
+        loss = r.get("final_loss")
+        delta = (f"{loss - one['final_loss']:+.4f}" if one and loss is not None and one.get("final_loss") is not None
+                 else "-")
+        lines.append(
+            f"{n:>4} {mode:>7} {r['tokens_per_s']:9.0f} {f'{speedup:.2f}x' if speedup else '-':>8} "
+            f"{f'{speedup / n:.0%}' if speedup else '-':>6} {r['step_s']:7.3f} {r['tokens_per_step']:9.0f} "
+            f"{r['per_device_batch']:>8} {peaks:>22} {loss if loss is not None else '-':>9} {delta:>8} "
+            f"{r['tokens_trained']:>9}")
+    return "\n".join(lines)
+
+
+def summarize(folder: Path) -> None:
+    """Print every scaling-*.json in `folder` as one table per card, against its one-GPU run."""
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob("scaling-*.json"))]
+    for card in sorted({r["card"] for r in runs}):
+        mine = [r for r in runs if r["card"] == card]
+        results = sorted((r["result"] for r in mine),
+                         key=lambda x: (bool(x.get("per_gpu_batch_kept")), x.get("processes", 0)))
+        one = next((x for x in results if x.get("processes") == 1 and "tokens_per_s" in x), None)
+        head = mine[0]
+        print(f"\n{card} ({head.get('device', 'cpu')}), {head['versions']}; {head['warmup']} warm-up + "
+              f"{head['steps']} timed optimizer steps; global = 16k tokens per step split over the GPUs "
+              f"(prodtune's default), per-GPU = each GPU keeps the one-GPU micro-batch; loss@end after the "
+              f"same samples for every 'global' row")
+        print(scaling_table(results, one))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random Phi-3 on the CPU (a check, not a timing)")
@@ -311,17 +482,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--examples", type=int, default=None, help="synthetic training examples")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for train-<card>.json")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--gpus", default=None,
+                    help="scaling: comma list of GPU counts for one config, e.g. 1,2,4; '4p' = 4 GPUs each "
+                         "keeping the one-GPU micro-batch (global batch x 4)")
+    ap.add_argument("--budget", type=int, default=0,
+                    help="scaling: seconds from the start for everything; launches that would overrun are skipped")
+    ap.add_argument("--per-gpu-batch", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", default=None, metavar="DIR", help="print the scaling-*.json of DIR as one table")
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scaling", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    started = time.time()
+    if a.summarize:
+        summarize(Path(a.summarize))
+        return
+    if a.gpus and not a.configs:
+        a.configs = "fast-eager" if a.tiny else "fast"
     names = (a.configs or ("reference,fast-eager" if a.tiny else "reference,fast,small")).split(",")
     warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 2)
     steps = a.steps if a.steps is not None else (2 if a.tiny else 6)
     n_examples = a.examples or (64 if a.tiny else 1200)
 
     if a.worker:
-        result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples)
-        print("RESULT " + json.dumps(result), flush=True)
+        result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples,
+                            scaling=a.scaling, per_gpu_batch=a.per_gpu_batch)
+        if result is not None:  # rank 0
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     unknown = [n for n in names if n not in CONFIGS]
@@ -338,6 +525,15 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         model_dir = Path(a.model_dir) if a.model_dir else make_model_dir(Path(tmp), a.tiny)
+        if a.gpus:
+            if len(names) != 1:
+                ap.error("--gpus times one configuration; give one name in --configs")
+            deadline = started + a.budget if a.budget else None
+            results = run_scaling(a, names[0], model_dir, header, card, warmup, steps, n_examples, deadline)
+            print(f"\n{card} ({header.get('device', 'cpu')}): {names[0]} on {a.gpus} "
+                  f"{'processes' if a.tiny else 'GPUs'}, {warmup} warm-up + {steps} timed steps")
+            print(scaling_table(results))
+            return
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
