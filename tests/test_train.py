@@ -256,13 +256,14 @@ def test_demo_model_trains_a_few_steps(tmp_path):
 
 @pytest.mark.gpu
 def test_qlora_bf16_on_gpu(tiny_model_dir, tmp_path, monkeypatch):
-    """The QLoRA GPU path: 4-bit NF4 base, bf16 compute (fp16 on older cards), finite loss, merge."""
+    """The plain QLoRA GPU path: 4-bit NF4 base, bf16 compute (fp16 on older cards), packing and
+    checkpointing on, finite losses, merge."""
     import bitsandbytes as bnb
 
     write_format(tmp_path, n_train=8)
     seen = spy_trainer(monkeypatch)
     args = tiny_args(tmp_path, tiny_model_dir, "model.load_in_4bit=true", "train.device=cuda",
-                     "train.optim=adamw_8bit", "train.max_steps=3")
+                     "train.optim=adamw_8bit", "train.max_steps=3", "train.speed=plain")
     assert main(["train", *args]) == 0
     model = seen[0].model
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
