@@ -308,11 +308,14 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     peaks = distributed.gather(_peak_memory(plan.device))  # every process's GPU
+    # FSDP holds every weight in shards: all processes gather the full state for rank 0 to save.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if distributed.uses_fsdp() else None
     if not main:
         distributed.barrier()  # rank 0 writes the adapter and the report
         return {**read_json(paths.train_report), "summary": ""}
     with atomic_dir(paths.adapter) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     from prodtune.plots import plot_loss
