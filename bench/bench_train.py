@@ -153,6 +153,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     vocab = model.config.vocab_size
     from datasets import Dataset
 
+    if per_gpu_batch:
+        n_examples *= processes  # N times the tokens per step: the same number of steps per epoch
     data = Dataset.from_list(synthetic_examples(n_examples, vocab, 0.25 if tiny else 1.0))
     probe = synthetic_examples(8, vocab, 0.25 if tiny else 1.0, seed=1)
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
