@@ -31,8 +31,8 @@ rank 0 before every forward. No effect in a single process."""
 def state() -> Any:
     """accelerate's PartialState for this process (initialises the process group when launched).
 
-    On a machine without CUDA (or under `accelerate launch --cpu`) it is asked for the CPU, so
-    that torchrun's processes join one gloo group instead of each training alone.
+    On a machine without CUDA (or with ACCELERATE_USE_CPU=1) it is asked for the CPU, so that
+    torchrun's processes join one gloo group instead of each training alone.
     """
     import torch
     from accelerate import PartialState
