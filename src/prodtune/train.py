@@ -148,6 +148,10 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         kwargs.pop("activation_checkpointing")
         kwargs.pop("activation_checkpointing_kwargs")
         kwargs.update(overrides)
+    if "activation_checkpointing" in kwargs and not hasattr(SFTConfig, "activation_checkpointing"):
+        # transformers < 5.2x (Colab's, the GPU image's 5.17) only knows the older name.
+        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
+        kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
     return SFTConfig(**kwargs)
 
 
