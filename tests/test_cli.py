@@ -99,3 +99,23 @@ def test_user_errors_are_one_line_and_exit_1(argv, words, capsys, tmp_path):
 def test_format_before_clean_says_run_clean(tmp_path, capsys):
     assert main(["format", f"output_dir={tmp_path}"]) == 1
     assert "prodtune clean" in one_line_error(capsys)
+
+
+def test_stage_run_alone_is_recorded_for_prodtune_run(tmp_path, sample_raw, capsys):
+    """`prodtune clean` on its own marks the stage finished, so `prodtune run` would skip it."""
+    from prodtune.config import load_config
+    from prodtune.pipeline import STAGES, plan_stage, stage_hashes
+    from prodtune.io import RunPaths
+
+    overrides = [f"output_dir={tmp_path}", f"data.raw_path={sample_raw}"]
+    assert main(["clean", *overrides]) == 0
+    cfg = load_config(None, overrides)
+    stage = next(s for s in STAGES if s.name == "clean")
+    action, _ = plan_stage(stage, RunPaths(tmp_path), stage_hashes(cfg)["clean"], False, False)
+    assert action == "skip"
+
+
+def test_only_train_runs_under_several_processes(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["clean", f"output_dir={tmp_path}"]) == 1
+    assert "launch only 'prodtune train'" in capsys.readouterr().err

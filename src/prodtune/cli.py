@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,10 +122,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         kwargs["resume"] = args.resume
     if args.command == "run":
         kwargs["force"] = args.force
+    launched = _launched_processes()
+    if launched > 1 and args.command != "train":
+        raise UserError(f"'prodtune {args.command}' runs in one process; under accelerate launch "
+                        f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
+    started = time.time()
     result = _call(module, func)(cfg, **kwargs)
+    if args.command in ("clean", "format", "train", "compare"):
+        # So that a later `prodtune run` knows this stage is finished with this config.
+        from prodtune.distributed import is_main_process
+        from prodtune.pipeline import mark_finished
+
+        if is_main_process():
+            mark_finished(cfg, args.command, round(time.time() - started, 1))
     if isinstance(result, dict) and result.get("summary"):
         print(result["summary"])
     return 0
+
+
+def _launched_processes() -> int:
+    """How many processes accelerate launch / torchrun started (1 when run plainly)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 if __name__ == "__main__":
