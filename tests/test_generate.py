@@ -48,6 +48,24 @@ def test_repetition_penalty_keeps_batched_equal_and_changes_answers(peft_model):
     assert batched.answers != generate(model, tok, prompts(), replace(cfg, repetition_penalty=1.0)).answers
 
 
+def test_no_repeat_ngram_removes_repeats_and_keeps_batched_equal(peft_model):
+    model, tok = peft_model
+    cfg = EvalConfig(max_new_tokens=24, batch_size=3, no_repeat_ngram_size=2)
+    batched = generate(model, tok, prompts(), cfg)
+    assert batched == generate(model, tok, prompts(), replace(cfg, batch_size=1))
+    plain = generate(model, tok, prompts(), replace(cfg, no_repeat_ngram_size=0))
+    assert batched.answers != plain.answers
+    from prodtune.generate import encode_prompts, generate_ids
+
+    stops = stop_token_ids(tok, model)
+    new = generate_ids(model, encode_prompts(tok, prompts()), pad_id=tok.pad_token_id, stop_ids=stops,
+                       batch_size=3, max_new_tokens=24, no_repeat_ngram_size=2)
+    for ids in new:
+        ids, _ = trim_at_stop(ids, stops)
+        pairs = list(zip(ids, ids[1:]))
+        assert len(pairs) == len(set(pairs)), ids  # no token pair twice in one answer
+
+
 def test_adapter_off_gives_base_model_answers(peft_model, tiny_run):
     model, tok = peft_model
     cfg = EvalConfig(max_new_tokens=8, batch_size=4)

@@ -193,6 +193,8 @@ class EvalConfig:
     """Nucleus sampling (with do_sample)."""
     repetition_penalty: float = 1.0
     """Penalty on tokens the answer already used (1.0 = off; ~1.2-1.3 stops small models looping)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this many tokens within an answer (0 = off); stops greedy loops."""
     seed: int = 3407
     """Seed for sampling and the bootstrap."""
     bootstrap_samples: int = 1000

@@ -108,11 +108,35 @@ def _answer_repetition_penalty(start: int, penalty: float) -> Any:
     return AnswerRepetitionPenalty()
 
 
+def _answer_no_repeat_ngram(start: int, size: int) -> Any:
+    """Forbid a token that would repeat an n-gram of the answer's own tokens (greedy loops).
+
+    Like transformers' no_repeat_ngram_size, but blind to the prompt and the left padding, so a
+    padded row decodes as the same prompt alone does.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    class AnswerNoRepeatNGram(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            answer = input_ids[:, start:].tolist()
+            for row, ids in enumerate(answer):
+                if len(ids) < size:
+                    continue
+                tail = ids[len(ids) - size + 1:]
+                banned = {ids[k + size - 1] for k in range(len(ids) - size + 1) if ids[k:k + size - 1] == tail}
+                if banned:
+                    scores[row, list(banned)] = -float("inf")
+            return scores
+
+    return AnswerNoRepeatNGram()
+
+
 def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: list[int],
                  batch_size: int, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                  repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                 desc: str = "generate") -> list[list[int]]:
+                 no_repeat_ngram_size: int = 0, desc: str = "generate") -> list[list[int]]:
     """New token ids for each prompt (order kept), generated in left-padded batches.
 
     Prompts are sorted by length so each batch pads little; the longest batch goes first so an
@@ -147,6 +171,8 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_i
                 attention[row, width - len(ids):] = 1
             processors = ([_answer_repetition_penalty(width, repetition_penalty)]
                           if repetition_penalty != 1.0 else [])
+            if no_repeat_ngram_size > 0:
+                processors.append(_answer_no_repeat_ngram(width, no_repeat_ngram_size))
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                   logits_processor=LogitsProcessorList(processors), **gen_kwargs)
             for row, i in enumerate(idx):
@@ -175,7 +201,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], ev
                        batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
                        do_sample=eval_cfg.do_sample, temperature=eval_cfg.temperature,
                        top_p=eval_cfg.top_p, seed=eval_cfg.seed,
-                       repetition_penalty=eval_cfg.repetition_penalty, desc=desc)
+                       repetition_penalty=eval_cfg.repetition_penalty,
+                       no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size, desc=desc)
     answers, stopped, counts = [], [], []
     for ids in new:
         # Finished rows are padded with pad_id after their stop token; trimming at the stop drops it.
