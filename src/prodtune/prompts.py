@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 import unicodedata
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from prodtune.clean import text_key
 from prodtune.config import Config, DataConfig, ModelConfig, save_config, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, write_json, write_jsonl
@@ -73,7 +73,6 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------- splits
 
-_NON_WORD = re.compile(r"[\W_]+")
 
 
 def normalize_title(title: str) -> str:
@@ -81,8 +80,9 @@ def normalize_title(title: str) -> str:
 
     "Mog's Kittens", "MOG’S  kittens!" and "Ｍｏｇｓ Kittens" all become "mogskittens".
     """
-    text = unicodedata.normalize("NFKC", title).casefold()
-    return _NON_WORD.sub("", text) or " ".join(text.split())
+    # The same key as the clean stage's one-per-title rule, so both group titles alike.
+    text = unicodedata.normalize("NFKC", title)
+    return text_key(text) or " ".join(text.casefold().split())
 
 
 def _unit_hash(key: str, seed: int) -> float:
