@@ -109,7 +109,7 @@ def make_model_dir(folder: Path, tiny: bool) -> Path:
 # ----------------------------------------------------------------------------- one configuration
 
 def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int,
-               scaling: bool = False, per_gpu_batch: bool = False) -> dict | None:
+               scaling: bool = False, per_gpu_batch: bool = False, step_tokens: int = 16384) -> dict | None:
     """Time one configuration in this process (one rank of several under accelerate launch);
     the result on rank 0, None on the others."""
     import torch
@@ -123,7 +123,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     train_over, plan_over = CONFIGS[name]
     cuda = torch.cuda.is_available() and not tiny
     device = "cuda" if cuda else "cpu"
-    train_cfg = dataclasses.replace(TrainConfig(max_length=256 if tiny else 2048, device=device), **train_over)
+    train_cfg = dataclasses.replace(TrainConfig(max_length=256 if tiny else 2048, device=device,
+                                                step_tokens=step_tokens), **train_over)
     model_cfg = ModelConfig(name_or_path=str(model_dir), load_in_4bit=True,
                             dtype="auto" if cuda else "float32")
     lora_cfg = LoraConfig()  # r=32, alpha=64, all-linear
@@ -134,6 +135,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         # No speed path on a CPU: exercise the same components with the CPU's attention and dtype.
         speed = (fast.SpeedPlan("plain", "cpu") if train_cfg.speed == "plain" else
                  fast.SpeedPlan("fast", "cpu check", rows=2, max_length=train_cfg.max_length,
+                                grad_accum=max(1, step_tokens // 16384),  # split over processes as on GPUs
                                 dequantize_once=True, attn_implementation="sdpa"))
     if plan_over and speed.path != "plain":
         speed = dataclasses.replace(speed, **plan_over)
@@ -155,6 +157,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
 
     if per_gpu_batch:
         n_examples *= processes  # N times the tokens per step: the same number of steps per epoch
+    n_examples = n_examples * max(1, step_tokens // 16384)  # likewise for bigger steps
     data = Dataset.from_list(synthetic_examples(n_examples, vocab, 0.25 if tiny else 1.0))
     probe = synthetic_examples(8, vocab, 0.25 if tiny else 1.0, seed=1)
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
@@ -244,7 +247,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         "prepared": prepared,
         "processes": processes,
         "per_device_batch": split.per_device, "grad_accum": split.accum, "global_batch": split.global_batch,
-        "per_gpu_batch_kept": per_gpu_batch,
+        "per_gpu_batch_kept": per_gpu_batch, "step_tokens": step_tokens,
         "tokens_per_s": round(tps, 1),
         "step_s": round(timed / steps, 4),
         "tokens_per_step": round(tokens / steps, 1),
@@ -389,7 +392,7 @@ def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict,
     for n, per_gpu in runs:
         left = deadline - time.time() if deadline else a.timeout
         need = max([45.0] + [r["process_s"] for r in results if "tokens_per_s" in r])
-        base = {"config": name, "processes": n, "per_gpu_batch_kept": per_gpu}
+        base = {"config": name, "processes": n, "per_gpu_batch_kept": per_gpu, "step_tokens": a.step_tokens}
         if n > available:
             result = {**base, "error": f"only {available} GPUs visible"}
         elif left < need:
@@ -400,6 +403,7 @@ def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict,
                 "--steps", str(steps), "--examples", str(n_examples), "--scaling"]
             cmd += ["--tiny"] if a.tiny else []
             cmd += ["--per-gpu-batch"] if per_gpu else []
+            cmd += ["--step-tokens", str(a.step_tokens)]
             env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             if not a.tiny:
                 env["CUDA_VISIBLE_DEVICES"] = visible_gpus(n)
@@ -408,7 +412,8 @@ def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict,
                 f.write(f"\n===== {name} on {n} {'process' if a.tiny else 'GPU'}(s): {' '.join(cmd)}\n{text}")
         results.append(result)
         print(json.dumps(result), flush=True)
-        path = out / f"scaling-{card}-x{n}{'-pergpu' if per_gpu else ''}.json"
+        step = "" if a.step_tokens == 16384 else f"-step{a.step_tokens // 1024}k"
+        path = out / f"scaling-{card}-x{n}{'-pergpu' if per_gpu else ''}{step}.json"
         path.write_text(json.dumps({**header, "result": result}, indent=2))
     return results
 
@@ -460,18 +465,20 @@ def scaling_table(results: list[dict], one: dict | None = None) -> str:
 
 
 def summarize(folder: Path) -> None:
-    """Print every scaling-*.json in `folder` as one table per card, against its one-GPU run."""
+    """Print every scaling-*.json in `folder` as one table per card and step size (train.step_tokens),
+    each against the one-GPU run of the same step size."""
     runs = [json.loads(f.read_text()) for f in sorted(folder.glob("scaling-*.json"))]
-    for card in sorted({r["card"] for r in runs}):
-        mine = [r for r in runs if r["card"] == card]
+    groups = sorted({(r["card"], r["result"].get("step_tokens", 16384)) for r in runs})
+    for card, step in groups:
+        mine = [r for r in runs if r["card"] == card and r["result"].get("step_tokens", 16384) == step]
         results = sorted((r["result"] for r in mine),
                          key=lambda x: (bool(x.get("per_gpu_batch_kept")), x.get("processes", 0)))
         one = next((x for x in results if x.get("processes") == 1 and "tokens_per_s" in x), None)
         head = mine[0]
         print(f"\n{card} ({head.get('device', 'cpu')}), {head['versions']}; {head['warmup']} warm-up + "
-              f"{head['steps']} timed optimizer steps; global = 16k tokens per step split over the GPUs "
-              f"(prodtune's default), per-GPU = each GPU keeps the one-GPU micro-batch; loss@end after the "
-              f"same samples for every 'global' row")
+              f"{head['steps']} timed optimizer steps; global = train.step_tokens={step} tokens per optimizer "
+              f"step shared by the GPUs (the same optimisation on any count), per-GPU = each GPU keeps the "
+              f"one-GPU micro-batch; loss@end after the same samples for every 'global' row")
         print(scaling_table(results, one))
 
 
@@ -490,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=0,
                     help="scaling: seconds from the start for everything; launches that would overrun are skipped")
     ap.add_argument("--per-gpu-batch", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--step-tokens", type=int, default=16384,
+                    help="train.step_tokens: tokens per optimizer step shared by all GPUs (65536: every one of "
+                         "4 GPUs keeps a full 16k micro-batch)")
     ap.add_argument("--summarize", default=None, metavar="DIR", help="print the scaling-*.json of DIR as one table")
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -508,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.worker:
         result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples,
-                            scaling=a.scaling, per_gpu_batch=a.per_gpu_batch)
+                            scaling=a.scaling, per_gpu_batch=a.per_gpu_batch, step_tokens=a.step_tokens)
         if result is not None:  # rank 0
             print("RESULT " + json.dumps(result), flush=True)
         return

@@ -59,8 +59,20 @@ def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool 
 def test_plan_follows_card_memory(gib, path, rows, accum, ckpt):
     p = fast.plan(TrainConfig(), ModelConfig(load_in_4bit=True), "cuda", memory_gib=gib)
     assert (p.path, p.rows, p.grad_accum, p.checkpoint_every) == (path, rows, accum, ckpt)
-    assert p.tokens_per_microbatch * p.grad_accum == fast.STEP_TOKENS
+    assert p.tokens_per_microbatch * p.grad_accum == TrainConfig().step_tokens
     assert p.dequantize_once == (path == "fast") and p.compile == (path == "fast")
+
+
+@pytest.mark.parametrize("step_tokens, rows, accum", [
+    (65536, 8, 4),   # 4 GPUs can each keep a full 8-row micro-batch
+    (32768, 8, 2),
+    (4096, 2, 1),    # a step smaller than one micro-batch takes fewer rows
+    (2048, 1, 1),
+])
+def test_plan_step_tokens(step_tokens, rows, accum):
+    p = fast.plan(TrainConfig(step_tokens=step_tokens), ModelConfig(load_in_4bit=True), "cuda", memory_gib=80)
+    assert (p.rows, p.grad_accum) == (rows, accum)
+    assert p.tokens_per_microbatch * p.grad_accum == step_tokens
 
 
 def test_plan_respects_settings_and_devices():

@@ -274,3 +274,27 @@ def test_qlora_bf16_on_gpu(tiny_model_dir, tmp_path, monkeypatch):
     assert math.isfinite(report["final_train_loss"]) and math.isfinite(report["final_eval_loss"])
     assert report["peak_memory_kind"] == "cuda_max_allocated"
     assert main(["merge", *args]) == 0
+
+
+@pytest.mark.parametrize("step_tokens, processes, rows, accum, noted", [
+    (16384, 4, 2, 1, True),    # the default step over 4 GPUs: micro-batches shrink, the plan says so
+    (65536, 4, 8, 1, False),   # 64k tokens per step: every GPU keeps 8 rows
+    (65536, 2, 8, 2, False),
+    (65536, 1, 8, 4, False),
+])
+def test_plan_under_several_gpus_keeps_the_step_and_names_the_fix(monkeypatch, step_tokens, processes, rows,
+                                                                  accum, noted):
+    from prodtune import distributed, fast, models
+    from prodtune.config import ModelConfig, TrainConfig
+
+    # A CUDA host of 80 GiB cards, seen from one of `processes` ranks (no GPU needed for the plan).
+    monkeypatch.setattr(models, "pick_device", lambda device: "cuda")
+    monkeypatch.setattr(train_mod, "_device_for_plan", lambda device: "cuda")
+    monkeypatch.setattr(fast, "card_memory_gib", lambda device: 80.0)
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    plan = train_mod.make_plan(TrainConfig(step_tokens=step_tokens), ModelConfig(load_in_4bit=True))
+    assert (plan.speed, plan.speed_plan.rows, plan.speed_plan.grad_accum) == ("fast", rows, accum)
+    assert plan.batch.global_batch * plan.speed_plan.max_length == step_tokens
+    assert bool(plan.note) == noted
+    if noted:
+        assert f"train.step_tokens={8 * 2048 * processes}" in plan.note

@@ -172,7 +172,10 @@ class TrainConfig:
     """Where to train: auto picks a GPU when there is one."""
     speed: Literal["auto", "plain", "fast", "small"] = "auto"
     """GPU path: plain TRL, fast (packed, compiled, ~23k tok/s Phi-3 on H200), small (<=14 GiB); auto picks by card memory.
-    fast/small replace batch_size and grad_accum by token batches (16k tokens per optimizer step)."""
+    fast/small replace batch_size and grad_accum by token batches (train.step_tokens per optimizer step)."""
+    step_tokens: int = 16384
+    """Tokens per optimizer step on the fast/small paths, shared by every GPU: the optimisation does not
+    depend on the card or GPU count. On N GPUs keep it >= N x 16384 so each GPU keeps a full micro-batch."""
 
 
 @dataclass
@@ -411,6 +414,9 @@ def validate(cfg: Config) -> None:
         problems.append("data.sample_size must be >= 1 or null")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         problems.append("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.train.step_tokens < cfg.train.max_length:
+        problems.append(f"train.step_tokens ({cfg.train.step_tokens}) must be >= train.max_length "
+                        f"({cfg.train.max_length}): a step holds at least one full-length example")
     if cfg.lora.r < 1:
         problems.append("lora.r must be >= 1")
     if cfg.eval.batch_size < 1:

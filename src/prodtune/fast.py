@@ -53,9 +53,6 @@ FAST_TOKENS = 16384
 """Tokens per micro-batch on the fast path (8 rows of 2048)."""
 SMALL_TOKENS = 8192
 """Tokens per micro-batch on the small path (4 rows of 2048): 5.4 GiB peak measured for Phi-3-mini."""
-STEP_TOKENS = 16384
-"""Tokens per optimizer step on both paths (micro-batch x accumulation), so that the optimisation
-does not depend on which card trains."""
 HALF_CHECKPOINT_MIN_GIB = 70.0
 """Fast-path cards with at least this much memory (H100/H200/A100 80 GB) checkpoint every other
 layer (5N FLOPs/token, 37.6 GiB peak measured); smaller ones every layer (6N, 15 GiB)."""
@@ -179,7 +176,11 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any,
     elif train_cfg.gradient_checkpointing is False:
         # Compiled layers without checkpointing never finished compiling in the bench: run eager.
         p = replace(p, checkpoint_every=0, compile=False)
-    return replace(p, grad_accum=max(1, STEP_TOKENS // max(1, p.tokens_per_microbatch)))
+    # train.step_tokens per optimizer step: accumulate micro-batches, or take fewer rows when the
+    # step is smaller than one micro-batch.
+    rows = max(1, min(p.rows, train_cfg.step_tokens // max(1, p.max_length)))
+    accum = max(1, round(train_cfg.step_tokens / (rows * p.max_length)))
+    return replace(p, rows=rows, grad_accum=accum)
 
 
 def _has_flex() -> bool:

@@ -47,6 +47,8 @@ class Plan:
     """prodtune.fast.SpeedPlan: token batches, attention kernel, compile, dequantize-once."""
     batch: Any = None
     """prodtune.distributed.BatchSplit: this process's micro-batch and accumulation (global batch kept)."""
+    note: str = ""
+    """Advice printed at the start of training (e.g. micro-batches shrunk by the GPU count)."""
 
     @property
     def precision(self) -> str:
@@ -71,14 +73,22 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
     # Data parallel (issue 7): N processes share one optimizer step, so the global batch, and with
     # it the result, is the one-GPU run's (token batches: 16k tokens per step on any GPU count).
     processes = distributed.world_size()
+    note = ""
     if speed.path != "plain":
         packing, checkpointing = True, speed.checkpoint_every > 0
         batch = distributed.split_batch(speed.rows, speed.grad_accum, processes)
+        if batch.per_device < speed.rows:
+            # Measured on 4 x H200 (bench/NOTES.md): 16k tokens per step over 4 GPUs scale 3.05x,
+            # a full micro-batch on every GPU scales near-linearly.
+            note = (f"each of the {processes} GPUs gets {batch.per_device} rows of {speed.max_length} tokens per "
+                    f"micro-batch instead of {speed.rows}, which leaves it partly idle; for full speed set "
+                    f"train.step_tokens={speed.tokens_per_microbatch * processes} or more (more tokens per "
+                    f"optimizer step: fewer steps per epoch, so revisit the learning rate)")
         speed = replace(speed, rows=batch.per_device, grad_accum=batch.accum)
     else:
         batch = distributed.split_batch(train_cfg.batch_size, train_cfg.grad_accum, processes)
     return Plan(device=device, dtype=models.compute_dtype(model_cfg, device), speed=speed.path,
-                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed, batch=batch)
+                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed, batch=batch, note=note)
 
 
 def _device_for_plan(device: str) -> Any:
@@ -309,6 +319,8 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
               f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(trainer.train_dataset)} examples, "
               f"LoRA r={cfg.lora.r} on {sorted(trainer.model.peft_config['default'].target_modules)}, "
               f"{trainable:,} trainable of {total:,} parameters{processes}")
+        if plan.note:
+            print(f"prodtune: note: {plan.note}")
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     peaks = distributed.gather(_peak_memory(plan.device))  # every process's GPU
