@@ -120,6 +120,10 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     from prodtune.config import LoraConfig, ModelConfig, TrainConfig
 
     processes = distributed.world_size()  # joins the process group under accelerate launch
+    t0 = time.perf_counter()
+
+    def mark(what: str) -> None:  # where a launch's time goes (model load, compile, ...), in its log
+        print(f"[rank {distributed.process_index()} +{time.perf_counter() - t0:.1f} s] {what}", flush=True)
     train_over, plan_over = CONFIGS[name]
     cuda = torch.cuda.is_available() and not tiny
     device = "cuda" if cuda else "cpu"
@@ -152,6 +156,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = models.load_model(model_cfg, device, training=True, gradient_checkpointing=ckpt, path=str(model_dir))
+    mark("model loaded")
     vocab = model.config.vocab_size
     from datasets import Dataset
 
@@ -203,6 +208,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             self.marks.append(time.perf_counter())
+            if len(self.marks) <= 3:
+                mark(f"step {state.global_step} done")
 
     class Losses(TrainerCallback):
         """The training loss of each optimizer step (the Trainer's mean over all processes)."""
@@ -220,11 +227,14 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     if os.environ.get("BENCH_PROFILE") == name and cuda:
         trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
 
+    mark("trainer ready")
     probe_loss = probe_batch_loss(trainer, collate, probe, cuda)
+    mark("probe done (first compile)")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
+    mark("trained")
     wall = time.perf_counter() - started
 
     accum = args["gradient_accumulation_steps"]
