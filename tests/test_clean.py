@@ -13,8 +13,8 @@ import pytest
 
 import prodtune.clean as clean
 import prodtune.rawdata as rawdata
-from prodtune.clean import (cap_text, clean_data, clean_stage, clean_text, normalize_text, remove_boilerplate,
-                            strip_tags, text_key, unescape_entities)
+from prodtune.clean import (cap_text, clean_data, clean_stage, clean_text, is_review_blurb, normalize_text,
+                            remove_boilerplate, strip_tags, text_key, unescape_entities)
 from prodtune.config import DataConfig, load_config
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, read_json
@@ -77,6 +77,24 @@ def test_cap_cuts_at_a_sentence_then_a_word():
     assert cap_text("short", 40) == "short"
 
 
+@pytest.mark.parametrize("text, blurb", [
+    ("'Startlingly good...tense...ingenious' Sunday Express 'Alistair MacLean is a magnificent storyteller' "
+     "Sunday Mirror", True),
+    ("\u201cA humane, big-hearted and sometimes devastatingly funny book.\u201d (LA Weekly)", True),
+    # No quotation marks, but two publications named in a short text.
+    ("Brilliantly organised guide ... so comprehensive and above all easy to use. The Sunday Times "
+     "Superbly handy and comprehensive guide. The Observer", True),
+    # A description with apostrophes and one short quotation is kept.
+    ("Harvey Penick's little book doesn't need gadgets: the lessons he taught in the 'pre-gadget days' "
+     "still stand, and the swing is basically the same as it was in 1950 for every golfer.", False),
+    ("The Times is a British daily national newspaper; this book collects its cryptic crosswords, with "
+     "solutions and hints for beginners.", False),
+    ("Delhi has a richly layered past, and Dalrymple deftly peels away each layer.", False),
+])
+def test_review_blurbs_are_told_from_descriptions(text, blurb):
+    assert is_review_blurb(text) is blurb
+
+
 def test_text_key_ignores_case_and_punctuation():
     assert text_key("The Prophet.") == text_key("the  prophet") == "theprophet"
 
@@ -93,7 +111,7 @@ def test_each_rule_on_the_dirty_fixture(tmp_path):
     report, rows = run(tmp_path, DIRTY)
     assert report["rows_read"] == 18
     assert report["dropped"] == {"bad_input": 0, "missing": 3, "too_short": 1, "content_is_title": 1,
-                                 "duplicate": 2, "duplicate_title": 0}
+                                 "review_blurb": 0, "duplicate": 2, "duplicate_title": 0}
     assert report["changed"] == {"entities": 3, "html": 3, "boilerplate": 5, "unicode": 4, "capped": 1}
     assert set(rows) == {"d01", "d02", "d03", "d04", "d05", "d06", "d07", "d14", "d15", "d16", "d18"}
     assert rows["d01"]["title"] == "Mog's Kittens"
@@ -135,7 +153,7 @@ def test_each_edit_rule_can_be_switched_off(tmp_path, switch, rule, dirt):
 
 def test_drop_rules_switched_off(tmp_path):
     report, rows = run(tmp_path, DIRTY, min_content_chars=0, drop_content_equals_title=False,
-                       max_content_chars=0, dedupe=False)
+                       max_content_chars=0, dedupe=False, drop_review_blurbs=False)
     assert report["dropped"]["too_short"] == report["dropped"]["content_is_title"] == 0
     assert report["dropped"]["duplicate"] == report["changed"]["capped"] == 0
     assert {"d08", "d09", "d12", "d13"} <= set(rows)
@@ -362,8 +380,14 @@ def test_the_shipped_sample(tmp_path, sample_raw):
     assert report["dropped"]["missing"] == 1
     assert report["dropped"]["content_is_title"] == 1
     assert report["changed"]["boilerplate"] == 119
-    # Two reviews of "Somebody Else's Kids" that differ only in whitespace.
-    assert report["dropped"]["duplicate"] == 1 and report["rows_kept"] == 494
+    # The first 500 records are mostly books: 220 contents are press praise, not descriptions.
+    assert report["dropped"]["review_blurb"] == 220 and report["rows_kept"] == 275
+    assert all(not is_review_blurb(r["content"]) for r in rows.values())
+    # With the rule off, the 494 rows of the other rules, among them two reviews of "Somebody Else's
+    # Kids" that differ only in whitespace (with the rule on they go as blurbs first).
+    report, _ = run(tmp_path, sample_raw, drop_review_blurbs=False)
+    assert report["dropped"]["duplicate"] == 1 and report["dropped"]["review_blurb"] == 0
+    assert report["rows_kept"] == 494
     for row in rows.values():
         assert "This text refers to" not in row["content"] and "&#" not in row["content"]
         assert row["content"] == row["content"].strip() and "  " not in row["content"]

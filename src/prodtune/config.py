@@ -62,6 +62,8 @@ class DataConfig:
     """Drop rows whose cleaned content is shorter than this many characters (0 keeps all)."""
     drop_content_equals_title: bool = True
     """Drop rows whose content just repeats the title."""
+    drop_review_blurbs: bool = True
+    """Drop rows whose content is press praise ('A wonderful book' Daily Mail), not a description of the product."""
     max_content_chars: int = 2000
     """Cap contents at this many characters, cut at a sentence or word boundary (0 = no cap)."""
     dedupe: bool = True
