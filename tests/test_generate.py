@@ -66,6 +66,27 @@ def test_no_repeat_ngram_removes_repeats_and_keeps_batched_equal(peft_model):
         assert len(pairs) == len(set(pairs)), ids  # no token pair twice in one answer
 
 
+def test_min_new_tokens_holds_back_the_end_of_turn(peft_model):
+    model, tok = peft_model
+    stop = stop_token_ids(tok, model)[0]
+
+    def eager_to_stop(module, args, output):  # a model that wants to end every answer at once
+        output[..., stop] += 100.0
+        return output
+
+    hook = model.get_output_embeddings().register_forward_hook(eager_to_stop)
+    try:
+        cfg = EvalConfig(max_new_tokens=12, batch_size=3)
+        quick = generate(model, tok, prompts(), cfg)
+        held = generate(model, tok, prompts(), replace(cfg, min_new_tokens=5))
+        assert held == generate(model, tok, prompts(), replace(cfg, min_new_tokens=5, batch_size=1))
+    finally:
+        hook.remove()
+    assert all(quick.stopped) and quick.answers == [""] * len(quick.answers)
+    assert all(held.stopped)  # it still ends properly, right after the minimum
+    assert all(n == 6 for n in held.new_tokens)  # 5 tokens, then the end-of-turn
+
+
 def test_adapter_off_gives_base_model_answers(peft_model, tiny_run):
     model, tok = peft_model
     cfg = EvalConfig(max_new_tokens=8, batch_size=4)

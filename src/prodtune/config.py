@@ -200,6 +200,8 @@ class EvalConfig:
     """Penalty on tokens the answer already used (1.0 = off; ~1.2-1.3 stops small models looping)."""
     no_repeat_ngram_size: int = 0
     """Forbid repeating any n-gram of this many tokens within an answer (0 = off); stops greedy loops."""
+    min_new_tokens: int = 0
+    """No end-of-turn before this many new tokens (0 = off): greedy decoding of a tuned model tends to stop early."""
     seed: int = 3407
     """Seed for sampling and the bootstrap."""
     bootstrap_samples: int = 1000

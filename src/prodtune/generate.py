@@ -201,7 +201,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], ev
                        batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
                        do_sample=eval_cfg.do_sample, temperature=eval_cfg.temperature,
                        top_p=eval_cfg.top_p, seed=eval_cfg.seed,
-                       repetition_penalty=eval_cfg.repetition_penalty,
+                       repetition_penalty=eval_cfg.repetition_penalty, min_new_tokens=eval_cfg.min_new_tokens,
                        no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size, desc=desc)
     answers, stopped, counts = [], [], []
     for ids in new:
