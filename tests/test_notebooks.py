@@ -21,7 +21,7 @@ NOTEBOOKS = ["tratar-dados.ipynb", "transforma-em-json.ipynb", "treino-e-teste.i
 
 # CI-sized settings: a few optimizer steps and a few short answers instead of the full demo.
 FAST = {"treino-e-teste.ipynb": {"MAX_STEPS": 2, "BATCH_SIZE": 2, "MAX_LENGTH": 96, "VAL_MAX_SAMPLES": 4,
-                                  "EVAL_MAX_SAMPLES": 4, "MAX_NEW_TOKENS": 12}}
+                                  "EVAL_MAX_SAMPLES": 4, "MAX_NEW_TOKENS": 12, "MIN_NEW_TOKENS": 4}}
 
 
 def _with_params(name: str, params: dict) -> nbformat.NotebookNode:
