@@ -12,7 +12,7 @@ from prodtune.config import EvalConfig
 from prodtune.evaluate import (completion_tokens, compare_stage, corpus_statistic, item_scores,
                                mean_statistic, perplexity_statistic, resolve_embedding_model,
                                select_items, summarize)
-from prodtune.io import RunPaths
+from prodtune.io import RunPaths, write_jsonl
 from tiny_run import make_run, product_rows
 
 REF = "A colourful picture book about a cat and her kittens, for children aged three to six."
@@ -149,3 +149,27 @@ def test_compare_stage_on_an_empty_split_is_a_user_error(tiny_model_dir, tmp_pat
     RunPaths(tmp_path).split("test").write_text("")
     with pytest.raises(UserError, match="no rows"):
         compare_stage(cfg)
+
+
+def test_compare_on_the_validation_split_leaves_the_test_result_alone(tiny_model_dir, tmp_path):
+    from prodtune.cli import main
+
+    cfg = make_run(tmp_path, tiny_model_dir, n_items=4)
+    paths = RunPaths(tmp_path)
+    write_jsonl(paths.split("validation"), product_rows(3))
+    compare_stage(cfg)
+    test_metrics = paths.metrics_json.read_bytes()
+    out = compare_stage(cfg, split="validation")
+    val = RunPaths(tmp_path, "compare-validation")
+    assert json.loads(val.metrics_json.read_text())["n"] == 3 and val.report_html.is_file()
+    assert paths.metrics_json.read_bytes() == test_metrics  # compare/ untouched
+    assert "3 validation items" in out["summary"] and "held-out validation items" in val.report_md.read_text()
+    assert "greedy, 12 new tokens at most" in val.report_md.read_text()
+    with pytest.raises(Exception, match="choose test"):
+        compare_stage(cfg, split="train")
+    # Through the CLI, and not recorded as the pipeline's finished compare stage.
+    marker = paths.compare / ".stage.json"
+    assert main(["compare", "--config", str(paths.config), "--split", "validation"]) == 0
+    assert not marker.exists()
+    assert main(["compare", "--config", str(paths.config)]) == 0
+    assert marker.exists()

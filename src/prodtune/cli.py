@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue from the last checkpoint in train/checkpoints")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo every stage even when finished")
+        if name == "compare":
+            p.add_argument("--split", choices=["test", "validation"], default="test",
+                           help="validation: compare on format/validation.jsonl into compare-validation/, "
+                                "to choose eval settings without looking at the test split")
     p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",
                        description="One answer from the tuned (or base) model of a finished run.")
     p.add_argument("question", help="a question, or just a product title")
@@ -122,13 +126,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         kwargs["resume"] = args.resume
     if args.command == "run":
         kwargs["force"] = args.force
+    if args.command == "compare" and args.split != "test":
+        kwargs["split"] = args.split
     launched = _launched_processes()
     if launched > 1 and args.command != "train":
         raise UserError(f"'prodtune {args.command}' runs in one process; under accelerate launch "
                         f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
     started = time.time()
     result = _call(module, func)(cfg, **kwargs)
-    if args.command in ("clean", "format", "train", "compare"):
+    if args.command in ("clean", "format", "train", "compare") and not kwargs.get("split"):
         # So that a later `prodtune run` knows this stage is finished with this config.
         from prodtune.distributed import is_main_process
         from prodtune.pipeline import mark_finished

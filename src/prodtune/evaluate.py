@@ -253,24 +253,35 @@ def statistics(scores: dict[str, np.ndarray], answers: list[str], references: li
     return stats
 
 
-def compare_stage(cfg: Config) -> dict[str, Any]:
-    """Answers of base and tuned on format/test.jsonl, metrics with intervals, answers.csv and reports."""
+SPLITS = ("test", "validation")
+
+
+def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
+    """Answers of base and tuned on format/test.jsonl, metrics with intervals, answers.csv and reports.
+
+    split="validation" does the same on format/validation.jsonl into compare-validation/: for
+    choosing decoding settings (eval.*) without looking at the test split, whose numbers are the
+    result to report.
+    """
     import pandas as pd
 
     from prodtune.generate import adapter_off, generate, load_model, stop_token_ids
     from prodtune.report import write_reports
 
-    paths = RunPaths(cfg.run_dir)
+    if split not in SPLITS:
+        raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
+    paths = RunPaths(cfg.run_dir, "compare" if split == "test" else f"compare-{split}")
     save_config(cfg, paths.config)
-    rows = select_items(read_jsonl(paths.split("test")), cfg.eval)
+    rows = select_items(read_jsonl(paths.split(split)), cfg.eval)
     if not rows:
-        raise UserError(f"'{paths.split('test')}' has no rows: raise data.test_fraction and rerun format")
+        fraction = "data.test_fraction" if split == "test" else "data.val_fraction"
+        raise UserError(f"'{paths.split(split)}' has no rows: raise {fraction} and rerun format")
     references = [_reference(r) for r in rows]
     prompts = [r["prompt"] for r in rows]
 
     model, tokenizer = load_model(cfg.model, paths.adapter)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, model)]
-    print(f"compare: {len(rows)} test items, stopping at {stops}")
+    print(f"compare: {len(rows)} {split} items, stopping at {stops}")
     loss_batch = max(1, cfg.eval.batch_size // 2)
     with adapter_off(model):
         base = generate(model, tokenizer, prompts, cfg.eval, desc="base answers")
@@ -303,15 +314,27 @@ def compare_stage(cfg: Config) -> dict[str, Any]:
     write_json(paths.metrics_json, metrics)
     info = {"run": cfg.run_name, "model": cfg.model.name_or_path, "adapter": str(paths.adapter),
             "embedding_model": embedder or "(skipped)", "max_new_tokens": cfg.eval.max_new_tokens,
-            "decoding": (f"sampling (temperature {cfg.eval.temperature}, top_p {cfg.eval.top_p}, "
-                         f"seed {cfg.eval.seed})" if cfg.eval.do_sample else "greedy")
-                        + (f", repetition penalty {cfg.eval.repetition_penalty} on answer tokens"
-                           if cfg.eval.repetition_penalty != 1.0 else ""),
+            "split": split,
+            "decoding": describe_decoding(cfg.eval),
             "bootstrap_samples": cfg.eval.bootstrap_samples, "stop_tokens": stops}
     write_reports(paths, metrics, table, info)
     return {"n": len(rows), "metrics": metrics, "answers_csv": str(paths.answers_csv),
             "metrics_json": str(paths.metrics_json), "report_md": str(paths.report_md),
             "report_html": str(paths.report_html), "summary": headline(metrics, paths)}
+
+
+def describe_decoding(e: Any) -> str:
+    """Every generation setting that shapes the answers, for the report."""
+    text = (f"sampling (temperature {e.temperature}, top_p {e.top_p}, seed {e.seed})" if e.do_sample
+            else "greedy")
+    text += f", {e.max_new_tokens} new tokens at most"
+    if e.min_new_tokens:
+        text += f", no end before {e.min_new_tokens}"
+    if e.repetition_penalty != 1.0:
+        text += f", repetition penalty {e.repetition_penalty} on answer tokens"
+    if e.no_repeat_ngram_size:
+        text += f", no repeated {e.no_repeat_ngram_size}-grams within an answer"
+    return text
 
 
 def _empty_cuda_cache() -> None:
@@ -323,7 +346,8 @@ def _empty_cuda_cache() -> None:
 
 def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
     """The lines `prodtune compare` and `prodtune run` print: report path, ROUGE-L and chrF."""
-    lines = [f"compare: {metrics['n']} held-out items; report: {paths.report_html}",
+    items = "held-out" if paths.compare_name == "compare" else paths.compare_name.removeprefix("compare-")
+    lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
              f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}"]
     for name, label in (("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("embedding_cosine", "cosine"),
                         ("stop_rate", "stop rate")):

@@ -105,8 +105,10 @@ def read_json(path: str | Path) -> Any:
 class RunPaths:
     """Where each stage reads and writes inside one run folder."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, compare_name: str = "compare"):
         self.root = Path(run_dir).expanduser()
+        self.compare_name = compare_name
+        """Folder of the comparison: compare/ for the test split, compare-validation/ for validation."""
 
     @property
     def config(self) -> Path:
@@ -127,7 +129,7 @@ class RunPaths:
 
     @property
     def compare(self) -> Path:
-        return self.root / "compare"
+        return self.root / self.compare_name
 
     # files
     @property

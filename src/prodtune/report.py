@@ -135,9 +135,8 @@ def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -
     from prodtune.evaluate import METRICS
 
     lines = [f"# Base vs tuned: {_md(info.get('run', ''))}", "",
-             f"{metrics['n']} held-out test items (titles never seen in training). "
-             f"Model `{_md(info.get('model', ''))}`, decoding {_md(info.get('decoding', ''))}, "
-             f"at most {info.get('max_new_tokens', '?')} new tokens. Intervals: 95% bootstrap "
+             f"{metrics['n']} held-out {_md(info.get('split', 'test'))} items (titles never seen in training). "
+             f"Model `{_md(info.get('model', ''))}`, decoding: {_md(info.get('decoding', ''))}. Intervals: 95% bootstrap "
              f"({info.get('bootstrap_samples', '?')} resamples); the difference is paired (same items).", "",
              "| metric | base | tuned | tuned − base | |", "|---|---|---|---|---|"]
     for name in metrics["base"]:
@@ -146,7 +145,7 @@ def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -
         lines.append(f"| {name} | {_fmt_ci(metrics['base'][name])} | {_fmt_ci(metrics['tuned'][name])} "
                      f"| {_fmt_ci(diff, signed=True)} | {mark} |")
     lines += ["", "Metrics: " + "; ".join(f"**{k}**: {v}" for k, v in METRICS.items() if k in metrics["base"]) + ".",
-              "", f"## Examples (the first {min(EXAMPLES_IN_MD, len(table))} test items)", ""]
+              "", f"## Examples (the first {min(EXAMPLES_IN_MD, len(table))} items)", ""]
     for _, row in table.head(EXAMPLES_IN_MD).iterrows():
         lines += [f"### {_md(row['title'], 200)}", "", f"- **Question:** {_md(row['question'], 400)}",
                   f"- **Reference:** {_md(row['reference'], 600)}",
@@ -236,7 +235,8 @@ def render_html(metrics: dict[str, Any], table: Any, info: dict[str, Any],
 <title>prodtune: base vs tuned ({_e(info.get("run", ""))})</title>
 <style>{CSS}</style></head><body>
 <h1>Base vs tuned: {_e(info.get("run", ""))}</h1>
-<p>{metrics["n"]} held-out test items, whose titles never appear in training. Intervals are 95%
+<p>{metrics["n"]} held-out {_e(info.get("split", "test"))} items, whose titles never appear in training;
+decoding: {_e(info.get("decoding", ""))}. Intervals are 95%
 bootstrap intervals; the difference tuned − base is paired (the same resampled items for both),
 green where the interval shows the tuned model better, red where worse.</p>
 <h2>Metrics</h2>
