@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 N_PARAMS = 3.82e9
+DEFAULT_STEP = 16384  # train.step_tokens' default: results at other step sizes are named and grouped apart
 PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this workplace's H100 and H200 (KINDS.md)
 
 # name -> (train config overrides, SpeedPlan overrides). The plan is what fast.plan picks for the
@@ -109,7 +110,7 @@ def make_model_dir(folder: Path, tiny: bool) -> Path:
 # ----------------------------------------------------------------------------- one configuration
 
 def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int,
-               scaling: bool = False, per_gpu_batch: bool = False, step_tokens: int = 16384) -> dict | None:
+               scaling: bool = False, per_gpu_batch: bool = False, step_tokens: int = DEFAULT_STEP) -> dict | None:
     """Time one configuration in this process (one rank of several under accelerate launch);
     the result on rank 0, None on the others."""
     import torch
@@ -139,7 +140,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         # No speed path on a CPU: exercise the same components with the CPU's attention and dtype.
         speed = (fast.SpeedPlan("plain", "cpu") if train_cfg.speed == "plain" else
                  fast.SpeedPlan("fast", "cpu check", rows=2, max_length=train_cfg.max_length,
-                                grad_accum=max(1, step_tokens // 16384),  # split over processes as on GPUs
+                                grad_accum=max(1, step_tokens // DEFAULT_STEP),  # split over processes as on GPUs
                                 dequantize_once=True, attn_implementation="sdpa"))
     if plan_over and speed.path != "plain":
         speed = dataclasses.replace(speed, **plan_over)
@@ -162,7 +163,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
 
     if per_gpu_batch:
         n_examples *= processes  # N times the tokens per step: the same number of steps per epoch
-    n_examples = n_examples * max(1, step_tokens // 16384)  # likewise for bigger steps
+    n_examples = n_examples * max(1, step_tokens // DEFAULT_STEP)  # likewise for bigger steps
     data = Dataset.from_list(synthetic_examples(n_examples, vocab, 0.25 if tiny else 1.0))
     probe = synthetic_examples(8, vocab, 0.25 if tiny else 1.0, seed=1)
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
@@ -422,7 +423,7 @@ def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict,
                 f.write(f"\n===== {name} on {n} {'process' if a.tiny else 'GPU'}(s): {' '.join(cmd)}\n{text}")
         results.append(result)
         print(json.dumps(result), flush=True)
-        step = "" if a.step_tokens == 16384 else f"-step{a.step_tokens // 1024}k"
+        step = "" if a.step_tokens == DEFAULT_STEP else f"-step{a.step_tokens // 1024}k"
         path = out / f"scaling-{card}-x{n}{'-pergpu' if per_gpu else ''}{step}.json"
         path.write_text(json.dumps({**header, "result": result}, indent=2))
     return results
@@ -478,9 +479,9 @@ def summarize(folder: Path) -> None:
     """Print every scaling-*.json in `folder` as one table per card and step size (train.step_tokens),
     each against the one-GPU run of the same step size."""
     runs = [json.loads(f.read_text()) for f in sorted(folder.glob("scaling-*.json"))]
-    groups = sorted({(r["card"], r["result"].get("step_tokens", 16384)) for r in runs})
+    groups = sorted({(r["card"], r["result"].get("step_tokens", DEFAULT_STEP)) for r in runs})
     for card, step in groups:
-        mine = [r for r in runs if r["card"] == card and r["result"].get("step_tokens", 16384) == step]
+        mine = [r for r in runs if r["card"] == card and r["result"].get("step_tokens", DEFAULT_STEP) == step]
         results = sorted((r["result"] for r in mine),
                          key=lambda x: (bool(x.get("per_gpu_batch_kept")), x.get("processes", 0)))
         one = next((x for x in results if x.get("processes") == 1 and "tokens_per_s" in x), None)
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=0,
                     help="scaling: seconds from the start for everything; launches that would overrun are skipped")
     ap.add_argument("--per-gpu-batch", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--step-tokens", type=int, default=16384,
+    ap.add_argument("--step-tokens", type=int, default=DEFAULT_STEP,
                     help="train.step_tokens: tokens per optimizer step shared by all GPUs (65536: every one of "
                          "4 GPUs keeps a full 16k micro-batch)")
     ap.add_argument("--summarize", default=None, metavar="DIR", help="print the scaling-*.json of DIR as one table")

@@ -128,7 +128,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         kwargs["force"] = args.force
     if args.command == "compare" and args.split != "test":
         kwargs["split"] = args.split
-    launched = _launched_processes()
+    from prodtune.distributed import launched_processes
+
+    launched = launched_processes()
     if launched > 1 and args.command != "train":
         raise UserError(f"'prodtune {args.command}' runs in one process; under accelerate launch "
                         f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
@@ -144,13 +146,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if isinstance(result, dict) and result.get("summary"):
         print(result["summary"])
     return 0
-
-
-def _launched_processes() -> int:
-    """How many processes accelerate launch / torchrun started (1 when run plainly)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 if __name__ == "__main__":

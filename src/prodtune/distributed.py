@@ -42,9 +42,15 @@ def state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def launched_processes() -> int:
+    """How many processes accelerate launch / torchrun started (WORLD_SIZE; 1 when run plainly).
+    Read from the environment: no process group is set up."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def launched() -> bool:
     """True when a launcher started this process as one of several (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_processes() > 1
 
 
 def world_size() -> int:

@@ -313,7 +313,7 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
         table.to_csv(tmp, index=False)
     write_json(paths.metrics_json, metrics)
     info = {"run": cfg.run_name, "model": cfg.model.name_or_path, "adapter": str(paths.adapter),
-            "embedding_model": embedder or "(skipped)", "max_new_tokens": cfg.eval.max_new_tokens,
+            "embedding_model": embedder or "(skipped)",
             "split": split,
             "decoding": describe_decoding(cfg.eval),
             "bootstrap_samples": cfg.eval.bootstrap_samples, "stop_tokens": stops}

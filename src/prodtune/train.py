@@ -71,15 +71,15 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
     # GPU speed paths (issue 6): the card's memory picks fast or small unless train.speed says.
     speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
     # Data parallel (issue 7): N processes share one optimizer step, so the global batch, and with
-    # it the result, is the one-GPU run's (token batches: 16k tokens per step on any GPU count).
+    # it the result, is the one-GPU run's (token batches: train.step_tokens per step on any count).
     processes = distributed.world_size()
     note = ""
     if speed.path != "plain":
         packing, checkpointing = True, speed.checkpoint_every > 0
         batch = distributed.split_batch(speed.rows, speed.grad_accum, processes)
         if batch.per_device < speed.rows:
-            # Measured on 4 x H200 (bench/NOTES.md): 16k tokens per step over 4 GPUs scale 3.05x,
-            # a full micro-batch on every GPU scales near-linearly.
+            # Measured on 4 x H200 (bench/NOTES.md): 16k tokens per step over 4 GPUs scale 2.87x,
+            # a full micro-batch on every GPU (step_tokens=65536) 3.70x.
             note = (f"each of the {processes} GPUs gets {batch.per_device} rows of {speed.max_length} tokens per "
                     f"micro-batch instead of {speed.rows}, which leaves it partly idle; for full speed set "
                     f"train.step_tokens={speed.tokens_per_microbatch * processes} or more (more tokens per "
