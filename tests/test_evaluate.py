@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prodtune.config import EvalConfig
+from prodtune.config import EvalConfig, load_config
 from prodtune.evaluate import (completion_tokens, compare_stage, corpus_statistic, item_scores,
                                mean_statistic, perplexity_statistic, resolve_embedding_model,
                                select_items, summarize)
@@ -159,12 +159,17 @@ def test_compare_on_the_validation_split_leaves_the_test_result_alone(tiny_model
     write_jsonl(paths.split("validation"), product_rows(3))
     compare_stage(cfg)
     test_metrics = paths.metrics_json.read_bytes()
-    out = compare_stage(cfg, split="validation")
+    run_config = paths.config.read_bytes()
+    trial = load_config(paths.config, ["eval.max_new_tokens=5"])
+    out = compare_stage(trial, split="validation")
     val = RunPaths(tmp_path, "compare-validation")
     assert json.loads(val.metrics_json.read_text())["n"] == 3 and val.report_html.is_file()
     assert paths.metrics_json.read_bytes() == test_metrics  # compare/ untouched
     assert "3 validation items" in out["summary"] and "held-out validation items" in val.report_md.read_text()
-    assert "greedy, 12 new tokens at most" in val.report_md.read_text()
+    assert "greedy, 5 new tokens at most" in val.report_md.read_text()
+    # Settings tried on validation stay with that comparison, not in the run's config.
+    assert paths.config.read_bytes() == run_config
+    assert load_config(val.compare / "config.yaml").eval.max_new_tokens == 5
     with pytest.raises(Exception, match="choose test"):
         compare_stage(cfg, split="train")
     # Through the CLI, and not recorded as the pipeline's finished compare stage.

@@ -271,7 +271,9 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     if split not in SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
     paths = RunPaths(cfg.run_dir, "compare" if split == "test" else f"compare-{split}")
-    save_config(cfg, paths.config)
+    # The test comparison is the run's own stage: its settings go in the run's config.yaml (which
+    # `ask` and the notebooks read). A validation comparison tries settings: they stay in its folder.
+    save_config(cfg, paths.config if split == "test" else paths.compare / "config.yaml")
     rows = select_items(read_jsonl(paths.split(split)), cfg.eval)
     if not rows:
         fraction = "data.test_fraction" if split == "test" else "data.val_fraction"
