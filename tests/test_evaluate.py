@@ -162,7 +162,7 @@ def test_compare_on_the_validation_split_leaves_the_test_result_alone(tiny_model
     run_config = paths.config.read_bytes()
     trial = load_config(paths.config, ["eval.max_new_tokens=5"])
     out = compare_stage(trial, split="validation")
-    val = RunPaths(tmp_path, "compare-validation")
+    val = RunPaths(tmp_path, "validation")
     assert json.loads(val.metrics_json.read_text())["n"] == 3 and val.report_html.is_file()
     assert paths.metrics_json.read_bytes() == test_metrics  # compare/ untouched
     assert "3 validation items" in out["summary"] and "held-out validation items" in val.report_md.read_text()

@@ -162,9 +162,8 @@ def is_review_blurb(text: str) -> bool:
     """True when a content is press praise rather than a description: mostly quoted passages, or a
     short text naming two or more publications ("... easy to use. The Sunday Times Superbly handy.
     The Observer"). Trained on, such rows teach a model to invent quotes and attribute them."""
-    if len(text) < 700:
-        if sum(w in _PUBLICATIONS for w in _CAPITALISED.findall(text)) >= 2:
-            return True
+    if len(text) < 700 and sum(w in _PUBLICATIONS for w in _CAPITALISED.findall(text)) >= 2:
+        return True
     if not any(q in text for q in _QUOTE_CHARS):
         return False
     quoted = sum(len(m.group(1)) for m in _QUOTED.finditer(text))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prodtune.errors import UserError
+from prodtune.io import COMPARE_SPLITS
 
 # stage name -> (module, function, one-line help). Imported lazily so --help stays instant.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo every stage even when finished")
         if name == "compare":
-            p.add_argument("--split", choices=["test", "validation"], default="test",
+            p.add_argument("--split", choices=COMPARE_SPLITS, default="test",
                            help="validation: compare on format/validation.jsonl into compare-validation/, "
                                 "to choose eval settings without looking at the test split")
     p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",

@@ -22,7 +22,7 @@ import numpy as np
 
 from prodtune.config import Config, EvalConfig, save_config
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, atomic_path, read_jsonl, write_json
+from prodtune.io import COMPARE_SPLITS, RunPaths, atomic_path, read_jsonl, write_json
 
 # metric name -> what the report says about it. Order is the report's order.
 METRICS: dict[str, str] = {
@@ -253,9 +253,6 @@ def statistics(scores: dict[str, np.ndarray], answers: list[str], references: li
     return stats
 
 
-SPLITS = ("test", "validation")
-
-
 def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     """Answers of base and tuned on format/test.jsonl, metrics with intervals, answers.csv and reports.
 
@@ -268,12 +265,10 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     from prodtune.generate import adapter_off, generate, load_model, stop_token_ids
     from prodtune.report import write_reports
 
-    if split not in SPLITS:
+    if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
-    paths = RunPaths(cfg.run_dir, "compare" if split == "test" else f"compare-{split}")
-    # The test comparison is the run's own stage: its settings go in the run's config.yaml (which
-    # `ask` and the notebooks read). A validation comparison tries settings: they stay in its folder.
-    save_config(cfg, paths.config if split == "test" else paths.compare / "config.yaml")
+    paths = RunPaths(cfg.run_dir, split)
+    save_config(cfg, paths.compare_config)
     rows = select_items(read_jsonl(paths.split(split)), cfg.eval)
     if not rows:
         fraction = "data.test_fraction" if split == "test" else "data.val_fraction"
@@ -348,7 +343,7 @@ def _empty_cuda_cache() -> None:
 
 def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
     """The lines `prodtune compare` and `prodtune run` print: report path, ROUGE-L and chrF."""
-    items = "held-out" if paths.compare_name == "compare" else paths.compare_name.removeprefix("compare-")
+    items = "held-out" if paths.compare_split == "test" else paths.compare_split
     lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
              f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}"]
     for name, label in (("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("embedding_cosine", "cosine"),

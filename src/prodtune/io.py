@@ -102,13 +102,17 @@ def read_json(path: str | Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+COMPARE_SPLITS = ("test", "validation")
+"""Splits `prodtune compare` runs on: test (the result) and validation (for choosing eval settings)."""
+
+
 class RunPaths:
     """Where each stage reads and writes inside one run folder."""
 
-    def __init__(self, run_dir: str | Path, compare_name: str = "compare"):
+    def __init__(self, run_dir: str | Path, compare_split: str = "test"):
         self.root = Path(run_dir).expanduser()
-        self.compare_name = compare_name
-        """Folder of the comparison: compare/ for the test split, compare-validation/ for validation."""
+        self.compare_split = compare_split
+        """Split of the comparison: test -> compare/, validation -> compare-validation/."""
 
     @property
     def config(self) -> Path:
@@ -129,7 +133,14 @@ class RunPaths:
 
     @property
     def compare(self) -> Path:
-        return self.root / self.compare_name
+        return self.root / ("compare" if self.compare_split == "test" else f"compare-{self.compare_split}")
+
+    @property
+    def compare_config(self) -> Path:
+        """Where a comparison records its config: the test comparison is the run's own stage (the
+        run's config.yaml, which `ask` and the notebooks read); a validation one tries settings and
+        keeps them in its folder."""
+        return self.config if self.compare_split == "test" else self.compare / "config.yaml"
 
     # files
     @property

@@ -73,8 +73,6 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------- splits
 
-
-
 def normalize_title(title: str) -> str:
     """The key that groups near-duplicate titles: NFKC, casefolded, whitespace and punctuation dropped.
 
