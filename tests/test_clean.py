@@ -13,8 +13,9 @@ import pytest
 
 import prodtune.clean as clean
 import prodtune.rawdata as rawdata
-from prodtune.clean import (cap_text, clean_data, clean_stage, clean_text, is_review_blurb, normalize_text,
-                            remove_boilerplate, strip_tags, text_key, unescape_entities)
+from prodtune.clean import clean_data, clean_stage
+from prodtune.rules import (cap_text, clean_text, is_review_blurb, normalize_text, remove_boilerplate, strip_tags,
+                            text_key, unescape_entities)
 from prodtune.config import DataConfig, load_config
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, read_json
@@ -110,7 +111,7 @@ def test_clean_text_applies_rules_in_order():
 def test_each_rule_on_the_dirty_fixture(tmp_path):
     report, rows = run(tmp_path, DIRTY)
     assert report["rows_read"] == 18
-    assert report["dropped"] == {"bad_input": 0, "missing": 3, "too_short": 1, "content_is_title": 1,
+    assert report["dropped"] == {"bad_input": 0, "missing": 3, "no_answer": 0, "too_short": 1, "content_is_title": 1,
                                  "review_blurb": 0, "duplicate": 2, "duplicate_title": 0}
     assert report["changed"] == {"entities": 3, "html": 3, "boilerplate": 5, "unicode": 4, "capped": 1}
     assert set(rows) == {"d01", "d02", "d03", "d04", "d05", "d06", "d07", "d14", "d15", "d16", "d18"}

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
-import html
 import json
 import logging
 import multiprocessing
 import os
-import re
 import tempfile
 import time
-import unicodedata
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -37,18 +33,22 @@ import numpy as np
 import pyarrow as pa
 
 from prodtune import rawdata
+from prodtune.chat import first_question, last_answer
+from prodtune.columns import Mapping
 from prodtune.config import Config, DataConfig, save_config, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, atomic_dir, write_json
-from prodtune.rawdata import Chunk, excerpt, open_chunks, parse_chunk
+from prodtune.rawdata import Chunk, excerpt, open_input, parse_chunk
+from prodtune.rules import N_EXAMPLES, Edit, cap_text, clean_column, is_review_blurb, rows_to_normalize, text_key
 
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
-DROP_RULES = ("bad_input", "missing", "too_short", "content_is_title", "review_blurb", "duplicate",
+"""clean.parquet of trn.json; context columns or a conversation add columns (clean_schema)."""
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+DROP_RULES = ("bad_input", "missing", "no_answer", "too_short", "content_is_title", "review_blurb", "duplicate",
               "duplicate_title")
 EDIT_RULES = ("entities", "html", "boilerplate", "unicode", "capped")
-N_EXAMPLES = 3
 N_WARNINGS = 5
 MAX_PROBLEMS_KEPT = 1000  # input problems listed in the report (all are counted)
 POOL_MIN_BYTES = 32 << 20  # smaller inputs are cleaned in this process
@@ -56,219 +56,6 @@ CLEAN_FIELDS = ("raw_path", "drop_missing", "strip_html", "unescape_entities", "
                 "remove_boilerplate", "min_content_chars", "drop_content_equals_title", "drop_review_blurbs",
                 "max_content_chars",
                 "dedupe", "one_per_title")
-
-# ----------------------------------------------------------------------------- one string
-
-_BLOCK_TAG = re.compile(r"<\s*/?\s*(?:br|p|div|li|ul|ol|tr|td|th|h[1-6]|table|hr|blockquote|dd|dt)\b[^<>]*>",
-                        re.IGNORECASE)
-_TAG = re.compile(r"<!--.*?-->|<\s*/?\s*[A-Za-z][A-Za-z0-9]*\b[^<>]*>", re.DOTALL)
-# "--This text refers to thePaperbackedition." (the edition name lost its spaces with its <i> tag),
-# "--This text refers to an out of print or unavailable edition of this title.", ...
-# It starts with a literal so that re can find it with a fast substring search (a leading \s* or
-# (?i) made this rule cost 60 µs a row); the "--This " in front is trimmed by remove_boilerplate.
-_BOILERPLATE = re.compile(r"text refers to\s*[^.]{0,80}?edition(?: of this title)?\.?")
-_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
-_INVISIBLE = re.compile("[\u00ad\u200b\u2060\ufeff]")  # soft hyphen, zero-width space, word joiner, BOM
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_NON_WORD = re.compile(r"[\W_]+")
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
-# Review blurbs: "'A wonderful book' Daily Mail 'Superb' The Times". A quoted passage opens after a
-# space (or at the start) and closes before a space or punctuation, so "don't" is not a quote; the
-# pattern starts with the quote character so that re skips to candidates quickly (~7 µs a row).
-_QUOTED = re.compile(r"""['"\u2018\u201c](?<![^\s]['"\u2018\u201c])(.{8,}?)['"\u2019\u201d](?=[\s.,;:!?)]|$)""")
-_CAPITALISED = re.compile(r"[A-Z][a-z]+")
-_PUBLICATIONS = frozenset(
-    "Times Guardian Observer Telegraph Daily Independent Sunday Express Mirror Magazine Weekly Kirkus Journal "
-    "Booklist Review Spectator Tribune Post Herald Mail Standard Evening Scotsman Literary Chronicle Globe "
-    "Gazette Newsweek Esquire Vogue Listener Bookseller Economist".split())
-_QUOTE_CHARS = ("'", '"', "\u2018", "\u201c")
-
-
-def unescape_entities(text: str) -> str:
-    """html.unescape until nothing changes (at most 3 rounds): '&amp;#8217;' -> '&#8217;' -> '’'."""
-    return _unescape(text)[0]
-
-
-@functools.lru_cache(maxsize=8192)
-def _charref(ref: str) -> tuple[str, bool]:
-    """html.unescape of one entity, and whether normalize_text could never change what it gives:
-    letters, digits, punctuation or symbols, NFKC-stable, none that composes with a neighbour."""
-    text = html.unescape(ref)
-    safe = unicodedata.is_normalized("NFKC", text) and all(
-        unicodedata.category(ch)[0] in "LNPS" and not unicodedata.combining(ch)
-        and not 0x1100 <= ord(ch) <= 0x11FF for ch in text)  # Hangul jamo compose too
-    return text, safe
-
-
-def _unescape(text: str) -> tuple[str, bool]:
-    """unescape_entities, and whether every replacement was safe (see _charref)."""
-    safe = True
-
-    def one(m: re.Match) -> str:
-        nonlocal safe
-        new, ok = _charref(m.group(0))
-        safe = safe and ok
-        return new
-
-    for _ in range(3):
-        # html.unescape's own pattern: a reference's replacement depends on its match alone, so
-        # this gives html.unescape's result, with each distinct entity looked up once (cached).
-        new = _CHARREF.sub(one, text)
-        if new == text or "&" not in new:
-            return new, safe
-        text = new
-    return text, safe
-
-
-def strip_tags(text: str) -> str:
-    """Drop HTML tags and comments; block tags (<br>, <p>, <li> ...) become a space."""
-    return _TAG.sub("", _BLOCK_TAG.sub(" ", text)).strip()
-
-
-def remove_boilerplate(text: str) -> str:
-    """Remove Amazon's '--This text refers to ... edition.' notes."""
-    parts, last, at = [], 0, text.find("text refers to")
-    while at >= 0:
-        m = _BOILERPLATE.match(text, at)
-        if m and text[max(0, at - 5):at].lower() == "this ":
-            parts.append(text[last:at - 5].rstrip(" -\t\r\n"))
-            last = m.end()
-        at = text.find("text refers to", at + 14)
-    if not parts:
-        return text
-    parts.append(text[last:])
-    return " ".join(p for p in map(str.strip, parts) if p)
-
-
-def needs_normalizing(text: str) -> bool:
-    """Cheap test in front of normalize_text: non-ASCII, control characters or stray spaces."""
-    return (not text.isascii() or not text.isprintable() or "  " in text
-            or text[:1] == " " or text[-1:] == " ")
-
-
-def normalize_text(text: str) -> str:
-    """NFKC, invisible characters removed, control characters and whitespace runs -> one space."""
-    if not text.isascii() and not unicodedata.is_normalized("NFKC", text):  # the check is cheap
-        text = unicodedata.normalize("NFKC", text)
-    if not text.isprintable():  # controls, invisible (format) characters, odd spaces
-        return " ".join(_CONTROL.sub(" ", _INVISIBLE.sub("", text)).split())
-    # Printable text has no whitespace but " ": replace() is several times faster than split().
-    while "  " in text:
-        text = text.replace("  ", " ")
-    return text.strip(" ")
-
-
-def is_review_blurb(text: str) -> bool:
-    """True when a content is press praise rather than a description: mostly quoted passages, or a
-    short text naming two or more publications ("... easy to use. The Sunday Times Superbly handy.
-    The Observer"). Trained on, such rows teach a model to invent quotes and attribute them."""
-    if len(text) < 700 and sum(w in _PUBLICATIONS for w in _CAPITALISED.findall(text)) >= 2:
-        return True
-    if not any(q in text for q in _QUOTE_CHARS):
-        return False
-    quoted = sum(len(m.group(1)) for m in _QUOTED.finditer(text))
-    return quoted >= 0.4 * len(text)
-
-
-def text_key(text: str) -> str:
-    """Comparison key: casefolded, punctuation and whitespace dropped ('The Prophet.' == 'the prophet')."""
-    return _NON_WORD.sub("", text.casefold())
-
-
-def cap_text(text: str, max_chars: int) -> str:
-    """Cut text to at most max_chars at the last sentence end, else the last space, in the second half."""
-    if len(text) <= max_chars:
-        return text
-    head = text[: max_chars + 1]
-    end = 0
-    for m in _SENTENCE_END.finditer(head, max(0, max_chars // 2 - 8)):  # the second half only
-        end = m.end()
-    if end > max_chars // 2:
-        return head[:end].rstrip()
-    space = head.rfind(" ")
-    return (head[:space] if space > max_chars // 2 else head[:max_chars]).rstrip()
-
-
-Edit = tuple[int, str, str]  # (row index in the chunk, text before, text after)
-
-
-def clean_column(texts: list[str], data: DataConfig, content: bool,
-                 to_normalize: np.ndarray | None = None) -> dict[str, list[Edit]]:
-    """Apply the enabled edit rules to a column of titles or contents, in place.
-
-    A rule at a time over the column: a C-speed test ('&' in s, s.isascii() ...) picks the few rows
-    the rule can change, and only those pay for it. Returns, per rule, the rows it changed, with the
-    text just before and after for the first few. `to_normalize`, when given, lists the rows of the
-    raw column that need_normalizing (found faster in bulk by rows_to_normalize).
-    """
-    rules = [("entities", data.unescape_entities, "&", _unescape),
-             ("html", data.strip_html, "<", strip_tags),
-             ("boilerplate", content and data.remove_boilerplate, "text refers to", remove_boilerplate)]
-    edits: dict[str, list[Edit]] = {}
-    unsafe: set[int] = set()  # rows given a character by an entity that normalizing might change
-    for rule, wanted, test, fn in rules:
-        if wanted:
-            found = [i for i, s in enumerate(texts) if test in s]
-            edits[rule] = _edit(texts, found, fn, unsafe if rule == "entities" else None)
-    if data.normalize_unicode:
-        if to_normalize is None:
-            rows = [i for i, s in enumerate(texts) if needs_normalizing(s)]
-        else:  # the bulk scan saw the raw text: recheck rows that unsafe entities or tags changed
-            touched = unsafe | {e[0] for e in edits.get("html", ())}
-            rows = sorted(set(to_normalize.tolist()) | {i for i in touched if needs_normalizing(texts[i])})
-        edits["unicode"] = _edit(texts, rows, normalize_text)
-    else:
-        _edit(texts, [i for i, s in enumerate(texts) if s[:1].isspace() or s[-1:].isspace()], str.strip)
-    return edits
-
-
-def rows_to_normalize(column: pa.ChunkedArray) -> np.ndarray:
-    """Rows of a string column that needs_normalizing, found with numpy over the UTF-8 bytes.
-
-    A byte outside printable ASCII, two spaces in a row, or a space at either end. About twice as
-    fast as the str tests row by row, which is what most of a clean's time goes to otherwise.
-    """
-    found, base = [], 0
-    for arr in column.chunks:
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
-        if arr.buffers()[2] is None or offsets[-1] == offsets[0]:
-            base += len(arr)
-            continue
-        data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
-        b = data[offsets[0]: offsets[-1]]
-        flag = (b - np.uint8(32)) > 94  # below 32 or above 126, in one pass (uint8 wraps around)
-        space = b == 32
-        flag[1:] |= space[1:] & space[:-1]
-        at = np.flatnonzero(flag) + offsets[0]
-        rows = np.searchsorted(offsets, at, side="right") - 1
-        filled = np.flatnonzero(offsets[1:] > offsets[:-1])
-        ends = filled[(data[offsets[filled]] == 32) | (data[offsets[filled + 1] - 1] == 32)]
-        found.append(np.union1d(rows, ends) + base)
-        base += len(arr)
-    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-
-
-def _edit(texts: list[str], rows: list[int], fn: Any, unsafe: set[int] | None = None) -> list[Edit]:
-    """Apply fn to texts[i] for i in rows; with `unsafe`, fn gives (text, safe) and unsafe rows are noted."""
-    changed: list[Edit] = []
-    for i in rows:
-        before = texts[i]
-        after = fn(before)
-        if unsafe is not None:
-            after, safe = after
-            if not safe:
-                unsafe.add(i)
-        if after != before:
-            texts[i] = after
-            changed.append((i, before, after) if len(changed) < N_EXAMPLES else (i, "", ""))
-    return changed
-
-
-def clean_text(text: str, data: DataConfig, content: bool = True) -> str:
-    """One title or content through the enabled edit rules (clean_chunk does them a column at a time)."""
-    texts = [text]
-    clean_column(texts, data, content)
-    return texts[0]
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -327,15 +114,15 @@ def _take(keep: list[int], *columns: list[Any]) -> tuple[list[Any], ...]:
     return tuple([col[i] for i in keep] for col in columns)
 
 
-def _count_edits(res: ChunkResult, rule: str, title_edits: list[Edit], content_edits: list[Edit],
-                 lines: list[int], uids: list[str]) -> None:
-    """Rows changed by a rule (title, content or both) and the first few as before/after examples."""
-    if title_edits and content_edits:
-        res.changed[rule] += len({e[0] for e in title_edits} | {e[0] for e in content_edits})
-    else:
-        res.changed[rule] += len(title_edits) + len(content_edits)
-    shown = sorted([(i, "content", b, a) for i, b, a in content_edits[:N_EXAMPLES]]
-                   + [(i, "title", b, a) for i, b, a in title_edits[:N_EXAMPLES]])
+def _count_edits(res: ChunkResult, rule: str, fields: list[tuple[str, list[Edit]]], lines: list[int],
+                 uids: list[str]) -> None:
+    """Rows changed by a rule (in any of the fields) and the first few as before/after examples."""
+    touched = [edits for _, edits in fields if edits]
+    if len(touched) == 1:
+        res.changed[rule] += len(touched[0])
+    elif touched:
+        res.changed[rule] += len(set().union(*({e[0] for e in edits} for edits in touched)))
+    shown = sorted((i, name, b, a) for name, edits in fields for i, b, a in edits[:N_EXAMPLES])
     rows_seen: set[int] = set()
     for i, name, before, after in shown:
         if i not in rows_seen and len(res.examples.get(rule, ())) < N_EXAMPLES:
@@ -344,22 +131,67 @@ def _count_edits(res: ChunkResult, rule: str, title_edits: list[Edit], content_e
             res.example(rule, {"line": lines[i], "uid": uids[i], "field": name, "before": b, "after": a})
 
 
+def _clean_sparse(values: list[str | None], data: DataConfig, content: bool) -> dict[str, list[Edit]]:
+    """clean_column over the values present (context values, message texts); edits name their rows.
+    A value left empty by the rules becomes None (absent)."""
+    at = [i for i, v in enumerate(values) if v is not None]
+    texts = [values[i] for i in at]
+    edits = clean_column(texts, data, content)  # type: ignore[arg-type]
+    for i, text in zip(at, texts):
+        values[i] = text or None
+    return {rule: [(at[k], b, a) for k, b, a in found] for rule, found in edits.items()}
+
+
+def _clean_context(context: dict[str, list[str | None]], data: DataConfig) -> list[tuple[str, dict[str, list[Edit]]]]:
+    """The title's text rules on every context column, in place."""
+    return [(name, _clean_sparse(values, data, content=False)) for name, values in context.items()]
+
+
+def _clean_messages(messages: list[list[dict[str, str]]], data: DataConfig) -> list[tuple[str, dict[str, list[Edit]]]]:
+    """The text rules on every message, in place: a description's rules on the assistant's turns,
+    a title's on the others (no boilerplate rule). Edits are per conversation (the first per rule)."""
+    found = []
+    for name, answers in (("assistant", True), ("user/system", False)):
+        where = [(i, j) for i, conv in enumerate(messages) for j, m in enumerate(conv)
+                 if (m["role"] == "assistant") == answers]
+        texts: list[str | None] = [messages[i][j]["content"] for i, j in where]
+        edits = _clean_sparse(texts, data, content=answers)
+        for (i, j), text in zip(where, texts):
+            messages[i][j]["content"] = text or ""
+        per_row: dict[str, list[Edit]] = {}
+        for rule, changed in edits.items():
+            seen: set[int] = set()
+            per_row[rule] = [(where[k][0], b, a) for k, b, a in changed
+                             if where[k][0] not in seen and not seen.add(where[k][0])]  # type: ignore[func-returns-value]
+        found.append((name, per_row))
+    return found
+
+
 def clean_chunk(chunk: Chunk, data: DataConfig) -> ChunkResult:
     """Parse one chunk and apply every rule but the file-wide duplicate checks (left to the caller)."""
     rows = parse_chunk(chunk, data.drop_missing)
+    mapping = chunk.mapping
     res = ChunkResult(table=None, lines=[], pair_hash=None, title_hash=None,  # type: ignore[arg-type]
                       read=rows.read, problems=rows.problems, position=chunk.position)
     for line, problem, text in rows.bad:
         res.dropped["bad_input"] += 1
         res.example("bad_input", {"line": line, "problem": problem, "text": text})
-    for line, uid, title, content in rows.empty_examples:
-        res.drop("missing", line, uid, title, content, "empty")
+    res.dropped["bad_input"] += rows.lost
+    for line, uid, title, content, why in rows.empty_examples:
+        res.drop("missing", line, uid, title, content, why)
     res.dropped["missing"] += rows.empty - len(rows.empty_examples)
     uids, titles, contents, lines = rows.uids, rows.titles, rows.contents, rows.lines
+    chat = rows.messages
+    extra = [rows.context[name] for name in mapping.context] + ([chat] if chat is not None else [])
 
     if not rows.checked:  # the line-by-line parse: values of any type, empty strings
         keep = []
         for i, (t, c) in enumerate(zip(titles, contents)):
+            if chat is not None and (not chat[i] or c is None):
+                rule = "no_answer" if chat[i] else "missing"
+                res.drop(rule, lines[i], uids[i], t, json.dumps(chat[i], ensure_ascii=False),
+                         "no assistant turn" if chat[i] else "no messages")
+                continue
             if t.__class__ is not str or c.__class__ is not str:
                 if data.drop_missing:
                     res.drop("missing", lines[i], uids[i], t, c, "missing or not a string")
@@ -369,15 +201,23 @@ def clean_chunk(chunk: Chunk, data: DataConfig) -> ChunkResult:
                 res.drop("missing", lines[i], uids[i], t, c, "empty")
                 continue
             keep.append(i)
-        uids, titles, contents, lines = _take(keep, uids, titles, contents, lines)
+        uids, titles, contents, lines, *extra = _take(keep, uids, titles, contents, lines, *extra)
+    context = dict(zip(mapping.context, extra))
+    chat = extra[-1] if chat is not None else None
 
     raw_titles, raw_contents = list(titles), list(contents)  # for the examples of later drops
-    # The fast path still has the text as Arrow strings: find what needs normalizing in bulk.
-    scans = [None, None] if rows.arrow is None else [rows_to_normalize(c) for c in rows.arrow.columns[1:]]
-    title_edits = clean_column(titles, data, content=False, to_normalize=scans[0])
-    content_edits = clean_column(contents, data, content=True, to_normalize=scans[1])
+    if chat is None:
+        # The fast paths still have the text as Arrow strings: find what needs normalizing in bulk.
+        scans = [None, None] if rows.arrow is None else [rows_to_normalize(c) for c in rows.arrow.columns[1:]]
+        fields = [("title", clean_column(titles, data, content=False, to_normalize=scans[0])),
+                  ("content", clean_column(contents, data, content=True, to_normalize=scans[1]))]
+        fields += _clean_context(context, data)
+    else:
+        fields = _clean_messages(chat, data)
+        titles = [first_question(conv) for conv in chat]
+        contents = [conv[last_answer(conv)]["content"] for conv in chat]  # type: ignore[index]
     for rule in ("entities", "html", "boilerplate", "unicode"):
-        _count_edits(res, rule, title_edits.get(rule, []), content_edits.get(rule, []), lines, uids)
+        _count_edits(res, rule, [(name, edits.get(rule, [])) for name, edits in fields], lines, uids)
 
     # The length rules, vectorized: only the rows they hit cost Python time.
     n = len(titles)
@@ -395,28 +235,62 @@ def clean_chunk(chunk: Chunk, data: DataConfig) -> ChunkResult:
             if text_key(contents[i]) == text_key(titles[i]):
                 res.drop("content_is_title", lines[i], uids[i], titles[i], contents[i])
                 drop[i] = True
-    if data.drop_review_blurbs:
+    if data.drop_review_blurbs and chat is None:  # press praise is a product description's problem
         for i in np.flatnonzero(~drop).tolist():
             if is_review_blurb(contents[i]):
                 res.drop("review_blurb", lines[i], uids[i], titles[i], contents[i])
                 drop[i] = True
     if data.max_content_chars:
-        for i in np.flatnonzero(~drop & (clen > data.max_content_chars)).tolist():
-            capped = contents[i] = cap_text(contents[i], data.max_content_chars)
-            res.changed["capped"] += 1
-            res.example("capped", {"line": lines[i], "uid": uids[i], "chars_before": int(clen[i]),
-                                   "chars_after": len(capped), "ends_with": excerpt(capped[-100:])})
+        _cap(res, data.max_content_chars, drop, clen, contents, context, chat, lines, uids)
     if drop.any():
-        uids, titles, contents, lines = _take(np.flatnonzero(~drop).tolist(), uids, titles, contents, lines)
+        keep = np.flatnonzero(~drop).tolist()
+        uids, titles, contents, lines, *extra = _take(keep, uids, titles, contents, lines, *context.values(),
+                                                      *([chat] if chat is not None else []))
+        context = dict(zip(mapping.context, extra))
+        chat = extra[-1] if chat is not None else None
 
     res.lines = lines
-    res.pair_hash = np.fromiter((_xxh64(f"{t}\x00{c}".encode()) for t, c in zip(titles, contents)),
-                                dtype=np.uint64, count=len(titles))
+    if chat is None:
+        res.pair_hash = np.fromiter((_xxh64(f"{t}\x00{c}".encode()) for t, c in zip(titles, contents)),
+                                    dtype=np.uint64, count=len(titles))
+    else:  # the same conversation twice: every message, roles included
+        res.pair_hash = np.fromiter((_xxh64("\x00".join(f"{m['role']}\x01{m['content']}" for m in conv).encode())
+                                     for conv in chat), dtype=np.uint64, count=len(chat))
     if data.one_per_title:
         res.title_hash = np.fromiter((_xxh64((text_key(t) or t).encode()) for t in titles),
                                      dtype=np.uint64, count=len(titles))
-    res.table = pa.table([uids, titles, contents], schema=SCHEMA)
+    columns = [uids, titles, contents, *context.values()] + ([chat] if chat is not None else [])
+    res.table = pa.table(columns, schema=clean_schema(mapping))
     return res
+
+
+def _cap(res: ChunkResult, max_chars: int, drop: np.ndarray, clen: np.ndarray, contents: list[str],
+         context: dict[str, list[str | None]], chat: list[list[dict[str, str]]] | None,
+         lines: list[int], uids: list[str]) -> None:
+    """Cut the descriptions (a conversation's last answer) and context values over max_chars."""
+    for i in np.flatnonzero(~drop & (clen > max_chars)).tolist():
+        capped = contents[i] = cap_text(contents[i], max_chars)
+        if chat is not None:
+            chat[i][last_answer(chat[i])]["content"] = capped  # type: ignore[index]
+        res.changed["capped"] += 1
+        res.example("capped", {"line": lines[i], "uid": uids[i], "chars_before": int(clen[i]),
+                               "chars_after": len(capped), "ends_with": excerpt(capped[-100:])})
+    capped_rows = set()
+    for values in context.values():
+        for i, v in enumerate(values):
+            if v is not None and len(v) > max_chars and not drop[i]:
+                values[i] = cap_text(v, max_chars)
+                capped_rows.add(i)
+    res.changed["capped"] += len(capped_rows - set(np.flatnonzero(~drop & (clen > max_chars)).tolist()))
+
+
+def clean_schema(mapping: Mapping) -> pa.Schema:
+    """clean.parquet's columns: uid, title, content, then each context column, or the conversation."""
+    fields = [("uid", pa.string()), ("title", pa.string()), ("content", pa.string())]
+    fields += [(name, pa.string()) for name in mapping.context]
+    if mapping.chat:
+        fields.append(("messages", MESSAGES))
+    return pa.schema(fields)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -541,8 +415,9 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    chunks, size, described = open_chunks(data.raw_path, data.chunk_rows)
-    workers = _workers(data, size)
+    source = open_input(data)
+    schema = clean_schema(source.mapping)
+    workers = _workers(data, source.size)
     parquet_path, csv_path = out_dir / "clean.parquet", out_dir / "clean.csv"
     read = kept = 0
     dropped: Counter = Counter()
@@ -551,13 +426,14 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
     problems: list[str] = []
     n_problems = 0
     seen_pairs, seen_titles = HashSet(), HashSet()
-    bar = tqdm(total=size, unit="B" if size else " rows", unit_scale=True, disable=not progress,
+    with_context = Counter({name: 0 for name in source.mapping.context})
+    bar = tqdm(total=source.total, unit=source.unit, unit_scale=True, disable=not progress,
                desc=f"clean {Path(data.raw_path).name}", mininterval=1.0, delay=2.0, leave=False)
-    writer = pq.ParquetWriter(parquet_path, SCHEMA, compression="snappy", use_dictionary=False,
+    writer = pq.ParquetWriter(parquet_path, schema, compression="snappy", use_dictionary=False,
                               write_statistics=False)
-    csv_writer = pacsv.CSVWriter(csv_path, SCHEMA) if data.write_csv else None
+    csv_writer = pacsv.CSVWriter(csv_path, _csv_schema(schema)) if data.write_csv else None
     try:
-        for res in _results(chunks, data, workers):
+        for res in _results(source.chunks, data, workers):
             read += res.read
             dropped.update(res.dropped)
             changed.update(res.changed)
@@ -572,9 +448,10 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
                 n_problems += 1
             table = _drop_duplicates(res, data, seen_pairs, seen_titles, dropped, examples)
             kept += table.num_rows
+            with_context.update({name: table.num_rows - table.column(name).null_count for name in with_context})
             writer.write_table(table)
             if csv_writer:
-                csv_writer.write_table(table)
+                csv_writer.write_table(_csv_table(table))
             bar.update(res.position - bar.n)
     finally:
         bar.close()
@@ -591,12 +468,15 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
         log.warning(f"clean: all {read} rows were dropped; see clean_report.json and loosen the data.* rules")
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {
-        "input": described,
+        "input": source.described,
+        "format": source.format,
+        "mapping": source.mapping.describe(),
         "rows_read": read,
         "rows_kept": kept,
         "dropped": {rule: dropped[rule] for rule in DROP_RULES},
         "changed": {rule: changed[rule] for rule in EDIT_RULES},
         "examples": {rule: examples[rule] for rule in (*DROP_RULES, *EDIT_RULES) if rule in examples},
+        "context_rows": dict(with_context),
         "problems": {"count": n_problems, "listed": problems},
         "rules": {k: v for k, v in dataclasses.asdict(data).items() if k in CLEAN_FIELDS},
         "seconds": round(seconds, 2),
@@ -605,6 +485,18 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
         "outputs": {"parquet": str(parquet_path)} | ({"csv": str(csv_path)} if data.write_csv else {}),
     }
     return report
+
+
+def _csv_schema(schema: pa.Schema) -> pa.Schema:
+    """clean.csv's columns: a conversation is written as its JSON text (CSV has no lists)."""
+    return pa.schema([(f.name, pa.string()) for f in schema])
+
+
+def _csv_table(table: pa.Table) -> pa.Table:
+    if "messages" not in table.column_names:
+        return table
+    text = pa.array([json.dumps(m, ensure_ascii=False) for m in table.column("messages").to_pylist()], pa.string())
+    return table.set_column(table.column_names.index("messages"), "messages", text)
 
 
 def _summary(report: dict[str, Any]) -> str:

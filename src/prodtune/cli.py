@@ -6,7 +6,7 @@
     prodtune merge   --config configs/demo.yaml
     prodtune compare --config configs/demo.yaml
     prodtune run     --config configs/demo.yaml        (all stages, skipping finished ones)
-    prodtune ask "Mog's Kittens" --run outputs/demo [--base]
+    prodtune ask "Mog's Kittens" --run outputs/demo [--base] [--context brand=Acme ...]
     prodtune config  --config configs/demo.yaml        (print the resolved config)
 
 User errors print one line and exit 1; tracebacks are kept for bugs.
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
     p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override eval.max_new_tokens")
+    p.add_argument("--context", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a context field of the product, as in training (repeat it: --context brand=Acme "
+                        "--context category=Toys)")
     p = sub.add_parser("config", help="Print the resolved config (YAML), or every key with --fields.",
                        description="Print the resolved config (YAML), or every key with --fields.")
     _add_config_args(p)
@@ -104,12 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _context_args(items: list[str]) -> dict[str, str]:
+    """--context FIELD=VALUE options as a dict."""
+    context = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--context {item!r}: write FIELD=VALUE, e.g. --context brand=Acme")
+        context[name.strip()] = value.strip()
+    return context
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from prodtune.config import describe_fields, load_config, to_dict
 
     if args.command == "ask":
         answer = _call("prodtune.generate", "ask")(args.question, run_dir=args.run, base=args.base,
-                                                   max_new_tokens=args.max_new_tokens)
+                                                   max_new_tokens=args.max_new_tokens,
+                                                   context=_context_args(args.context))
         print(answer)
         return 0
     if args.command == "config" and args.fields:

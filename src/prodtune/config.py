@@ -43,7 +43,20 @@ class DataConfig:
     """Stages 1 and 2: the raw file, cleaning rules, sampling, splits and prompts."""
 
     raw_path: str = "data/sample/trn.json"
-    """Raw input: trn.json JSON lines (.json/.jsonl, optionally .gz), an Alpaca JSON array, or hf:<dataset id>."""
+    """Raw input: .csv, .tsv, .parquet, .json (lines or an array), .jsonl, each optionally .gz, or
+    hf:<owner/name>[:<config>][:<split>] (a Hugging Face dataset, split train by default)."""
+    title_field: str | None = None
+    """Column holding the product title (None = auto: title, or instruction in an Alpaca file)."""
+    content_field: str | None = None
+    """Column holding the description the model learns to write (None = auto: content, or output in Alpaca)."""
+    id_field: str | None = None
+    """Column holding a row id (None = uid when the input has it, else made up from the line or row number)."""
+    context_fields: list[str] | None = None
+    """Extra columns (brand, category, price ...) shown as labelled lines in the prompt, for training and
+    inference alike; None = auto (Alpaca's input), [] = none."""
+    chat_field: str | None = None
+    """Column holding a conversation (OpenAI/TRL messages or ShareGPT conversations); None = auto:
+    a messages or conversations column when the input has no title/content or Alpaca columns."""
     chunk_rows: int = 50_000
     """Rows read and cleaned per chunk; memory stays bounded by this, not by the file size."""
     clean_workers: int = 0
@@ -175,6 +188,9 @@ class TrainConfig:
     speed: Literal["auto", "plain", "fast", "small"] = "auto"
     """GPU path: plain TRL, fast (packed, compiled, ~23k tok/s Phi-3 on H200), small (<=14 GiB); auto picks by card memory.
     fast/small replace batch_size and grad_accum by token batches (train.step_tokens per optimizer step)."""
+    report_to: str | list[str] = "tensorboard"
+    """Where training curves go besides train/log.jsonl: tensorboard (train/tensorboard), wandb, mlflow,
+    none, or a list (wandb,mlflow); W&B and MLflow read their own settings (WANDB_PROJECT, MLFLOW_TRACKING_URI ...)."""
     step_tokens: int = 16384
     """Tokens per optimizer step on the fast/small paths, shared by every GPU: the optimisation does not
     depend on the card or GPU count. On N GPUs keep it >= N x 16384 so each GPU keeps a full micro-batch."""

@@ -221,13 +221,18 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
 
 # ----------------------------------------------------------------------------- ask
 
-def ask(question: str, run_dir: str | Path, base: bool = False, max_new_tokens: int | None = None) -> str:
-    """One answer from the tuned (or base) model of a finished run, for trying it by hand."""
+def ask(question: str, run_dir: str | Path, base: bool = False, max_new_tokens: int | None = None,
+        context: dict[str, str] | None = None) -> str:
+    """One answer from the tuned (or base) model of a finished run, for trying it by hand.
+
+    `context` gives the product's context fields ({"brand": "Acme"}), shown in the prompt as
+    training showed them; a run trained on conversations takes the question as the user's message.
+    """
     from dataclasses import replace
 
     from prodtune.config import load_config
     from prodtune.io import RunPaths
-    from prodtune.prompts import as_question, build_prompt
+    from prodtune.prompts import ask_prompt
 
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
@@ -236,6 +241,6 @@ def ask(question: str, run_dir: str | Path, base: bool = False, max_new_tokens: 
     eval_cfg = replace(cfg.eval, batch_size=1)
     if max_new_tokens is not None:
         eval_cfg.max_new_tokens = max_new_tokens
+    prompt = ask_prompt(question, cfg.data, paths.clean_parquet, context)
     model, tokenizer = load_model(cfg.model, None if base else paths.adapter)
-    prompt = build_prompt(as_question(question, cfg.data.question_templates), cfg.data.system_prompt)
     return generate(model, tokenizer, [prompt], eval_cfg, desc="base" if base else "tuned").answers[0]

@@ -378,14 +378,16 @@ def side_by_side(run_dir: str | Path, n: int = 10, width: int = 300) -> Any:
     return styler.format(precision=3, subset=scores) if scores else styler
 
 
-def ask_both(question: str, run_dir: str | Path, max_new_tokens: int | None = None) -> Any:
-    """One question to the base and the tuned model of a run, answers side by side."""
+def ask_both(question: str, run_dir: str | Path, max_new_tokens: int | None = None,
+             context: dict[str, str] | None = None) -> Any:
+    """One question to the base and the tuned model of a run (with the product's context fields,
+    e.g. {"brand": "Acme"}, when it was trained with some), answers side by side."""
     import pandas as pd
 
     from prodtune.generate import ask
 
     require(run_dir, "train")
-    answers = {which: ask(question, run_dir, base=(which == "base"), max_new_tokens=max_new_tokens)
-               for which in ("base", "tuned")}
+    answers = {which: ask(question, run_dir, base=(which == "base"), max_new_tokens=max_new_tokens,
+                          context=context) for which in ("base", "tuned")}
     return pd.DataFrame([answers], index=[question]).style.set_properties(
         **{"text-align": "left", "white-space": "pre-wrap", "vertical-align": "top"})

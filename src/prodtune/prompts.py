@@ -3,7 +3,9 @@
     report = format_stage(cfg)   # clean/clean.parquet -> format/{train,validation,test}.jsonl
 
 `build_prompt` is the one place a prompt is built; training, comparison and `prodtune ask` all
-call it, so training and inference prompts cannot diverge.
+call it, so training and inference prompts cannot diverge. A product's context columns (brand,
+category ...) follow the question as labelled lines ("Brand: Acme"). A conversation (chat input)
+is already a prompt: the messages before the assistant's last turn, that turn the completion.
 
 Randomness comes from one seed (data.seed) in independent streams: one picks the sample, one the
 question templates, and the split of a title is a hash of the title and the seed, so adding rows
@@ -23,10 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from prodtune.clean import text_key
+from prodtune.chat import TITLE_CHARS, split_conversation
+from prodtune.columns import CLEAN_COLUMNS
 from prodtune.config import Config, DataConfig, ModelConfig, save_config, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, write_json, write_jsonl
+from prodtune.rawdata import excerpt
+from prodtune.rules import text_key
 
 SPLITS = ("train", "validation", "test")
 
@@ -38,10 +43,19 @@ def question_for(title: str, template: str) -> str:
     return template.replace("{title}", title)
 
 
-def build_prompt(question: str, system_prompt: str = "") -> list[dict[str, str]]:
-    """The chat messages before the answer: an optional system message and the user question."""
+def context_label(name: str) -> str:
+    """A context column's label in the prompt: 'unit_price' -> 'Unit price'."""
+    text = " ".join(name.replace("_", " ").replace("-", " ").split())
+    return text[:1].upper() + text[1:]
+
+
+def build_prompt(question: str, system_prompt: str = "",
+                 context: dict[str, str | None] | None = None) -> list[dict[str, str]]:
+    """The chat messages before the answer: an optional system message and the user question,
+    then one labelled line per context value present, in the order given ("Brand: Acme")."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": question})
+    lines = [f"{context_label(name)}: {value}" for name, value in (context or {}).items() if value]
+    messages.append({"role": "user", "content": question + ("\n\n" + "\n".join(lines) if lines else "")})
     return messages
 
 
@@ -52,6 +66,32 @@ def as_question(text: str, templates: list[str]) -> str:
             "what", "describe", "tell", "who", "how", "is", "does", "give", "write", "why", "which"}:
         return text
     return question_for(text, templates[0])
+
+
+def ask_prompt(question: str, data: DataConfig, clean_parquet: Path,
+               context: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The prompt `prodtune ask` sends, built as training built it: a product question with the
+    context lines in the training's order, or, for a run trained on conversations, the question
+    as the user's message. Context fields the run was not trained with are an error."""
+    names: list[str] | None = list(data.context_fields) if data.context_fields is not None else None
+    chat = False
+    if clean_parquet.is_file():  # what the run was trained on, auto-detected columns included
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(clean_parquet).names
+        names, chat = context_columns(columns), "messages" in columns
+    given = dict(context or {})
+    if names is not None:
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            trained = ", ".join(names) if names else "none (it was trained on " + (
+                "conversations)" if chat else "titles alone)")
+            raise UserError(f"--context {unknown[0]}: this run's context fields are {trained}; "
+                            "give those, or leave --context out")
+        given = {name: given.get(name) for name in names}
+    if chat:
+        return build_prompt(question.strip(), data.system_prompt)
+    return build_prompt(as_question(question, data.question_templates), data.system_prompt, given)
 
 
 def pick_templates(n: int, n_templates: int, seed: int) -> np.ndarray:
@@ -176,30 +216,44 @@ def _read_clean(path: Path) -> Any:
     if table.num_rows == 0:
         raise UserError(f"'{path}' has no rows: cleaning dropped everything; see clean/clean_report.json "
                         "and loosen the data.* cleaning rules")
-    return table.select(["uid", "title", "content"])
+    return table
 
 
-def format_rows(rows: list[dict[str, str]], data: DataConfig) -> tuple[dict[str, list[dict]], dict]:
-    """Turn sampled clean rows into prompt-completion rows per split, and the facts for the report."""
+def context_columns(column_names: Sequence[str]) -> list[str]:
+    """clean.parquet's context columns: every column after its own (uid, title, content, messages)."""
+    return [c for c in column_names if c not in CLEAN_COLUMNS]
+
+
+def format_rows(rows: list[dict[str, Any]], data: DataConfig,
+                context: Sequence[str] = ()) -> tuple[dict[str, list[dict]], dict]:
+    """Turn sampled clean rows into prompt-completion rows per split, and the facts for the report.
+
+    Product rows get a question from a template and their context columns; a conversation (a
+    row with messages) keeps its own turns. Either way the split is keyed by the normalised title
+    (a conversation's first user message).
+    """
     picks = pick_templates(len(rows), len(data.question_templates), data.seed)
     splits, moves = assign_splits([r["title"] for r in rows], data.val_fraction, data.test_fraction, data.seed)
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    keys: dict[str, set[str]] = {s: set() for s in SPLITS}
+    used: Counter = Counter()
     for row, pick, split in zip(rows, picks, splits):
-        question = question_for(row["title"], data.question_templates[pick])
-        out[split].append({
-            "prompt": build_prompt(question, data.system_prompt),
-            "completion": [{"role": "assistant", "content": row["content"]}],
-            "title": row["title"],
-            "uid": row["uid"],
-        })
-    usage = Counter(int(p) for p in picks)
-    templates = {t: usage[i] for i, t in enumerate(data.question_templates)}
-    return out, {"template_usage": templates, "split_moves": moves}
+        if row.get("messages"):
+            prompt, completion = split_conversation(row["messages"], data.system_prompt)
+            title = excerpt(row["title"], TITLE_CHARS)
+        else:
+            used[int(pick)] += 1
+            question = question_for(row["title"], data.question_templates[pick])
+            prompt = build_prompt(question, data.system_prompt, {name: row.get(name) for name in context})
+            completion, title = [{"role": "assistant", "content": row["content"]}], row["title"]
+        out[split].append({"prompt": prompt, "completion": completion, "title": title, "uid": row["uid"]})
+        keys[split].add(normalize_title(row["title"]))
+    templates = {t: used[i] for i, t in enumerate(data.question_templates)}
+    return out, {"template_usage": templates, "split_moves": moves, "split_keys": keys}
 
 
-def _split_facts(out: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+def _split_facts(out: dict[str, list[dict]], titles: dict[str, set[str]]) -> dict[str, dict[str, Any]]:
     n_rows = sum(len(v) for v in out.values()) or 1
-    titles = {s: {normalize_title(r["title"]) for r in rows} for s, rows in out.items()}
     n_titles = sum(len(t) for t in titles.values()) or 1
     return {s: {"rows": len(out[s]), "titles": len(titles[s]),
                 "row_fraction": round(len(out[s]) / n_rows, 4),
@@ -255,17 +309,22 @@ def format_stage(cfg: Config) -> dict[str, Any]:
     table = _read_clean(paths.clean_parquet)
     idx = sample_indices(table.num_rows, data.sample_size, data.seed)
     rows = table.take(idx).to_pylist() if len(idx) < table.num_rows else table.to_pylist()
+    context = context_columns(table.column_names)
 
-    out, facts = format_rows(rows, data)
+    out, facts = format_rows(rows, data, context)
     report: dict[str, Any] = {
         "input": str(paths.clean_parquet),
+        "kind": "chat" if "messages" in table.column_names else "product",
         "clean_rows": table.num_rows,
         "sample_size": data.sample_size,
         "rows": len(rows),
         "seed": data.seed,
         "target_fractions": {"validation": data.val_fraction, "test": data.test_fraction},
-        "splits": _split_facts(out),
+        "splits": _split_facts(out, facts["split_keys"]),
         "split_moves": facts["split_moves"],
+        "context_fields": {name: {"rows": sum(bool(r.get(name)) for r in rows),
+                                  "share": round(sum(bool(r.get(name)) for r in rows) / max(len(rows), 1), 4)}
+                           for name in context},
         "template_usage": facts["template_usage"],
         "system_prompt": data.system_prompt,
         "lengths": _length_report(out, cfg),
@@ -290,7 +349,11 @@ def format_stage(cfg: Config) -> dict[str, Any]:
 def _summary(report: dict[str, Any]) -> str:
     sampled = ("all" if report["rows"] == report["clean_rows"]
                else f"a seeded sample (seed {report['seed']}) of")
-    lines = [f"format: {report['rows']} prompt-completion rows from {sampled} {report['clean_rows']} clean rows"]
+    what = "conversations" if report["kind"] == "chat" else "prompt-completion rows"
+    lines = [f"format: {report['rows']} {what} from {sampled} {report['clean_rows']} clean rows"]
+    if report["context_fields"]:
+        lines.append("  context in the prompt: " + ", ".join(
+            f"{name} ({f['rows']} rows, {f['share']:.0%})" for name, f in report["context_fields"].items()))
     for split in SPLITS:
         f = report["splits"][split]
         lines.append(f"  {split:<10} {f['rows']:>7} rows {f['titles']:>7} titles "

@@ -1,13 +1,19 @@
-"""Reading the raw input for the clean stage, in chunks: trn.json lines, gzip, Alpaca arrays, the hub.
+"""Reading the raw input for the clean stage, in chunks: JSON lines, JSON arrays, CSV/TSV, parquet, the hub.
 
-    chunks, size, described = open_chunks("data/trn.json.gz", chunk_rows=50_000)
-    rows = parse_chunk(next(chunks))      # uids, titles, contents, lines; bad lines listed
+    source = open_input(data)                 # the format, the column mapping, and the chunks
+    rows = parse_chunk(next(source.chunks))   # uids, titles, contents, context, lines; bad records listed
 
-Formats: JSON lines (.json/.jsonl; gzip is recognised by its magic bytes, whatever the name), an
-Alpaca-style JSON array (`instruction`/`output`; uids are made up), and `hf:<dataset id>` streamed
-with datasets. Memory is bounded by the chunk, never by the file. A chunk of JSON lines is parsed
-with pyarrow's JSON reader; if anything in it is off (bad JSON, a wrong type, a null, a blank
-line) that chunk alone is parsed line by line, which names the file and line of each problem.
+Formats: JSON lines (.json/.jsonl), a JSON array (Alpaca style), CSV/TSV and parquet (read by
+prodtune.tables), each gzip-compressed or not (gzip is recognised by its magic bytes, whatever the
+name), and `hf:<dataset id>[:<config>][:<split>]` streamed with datasets. Memory is bounded by the
+chunk, never by the file. A chunk of JSON lines is parsed with pyarrow's JSON reader; if anything
+in it is off (bad JSON, a wrong type, a null, a blank line) that chunk alone is parsed line by
+line, which names the file and line of each problem.
+
+Which columns hold what is a `Mapping`, resolved once from data.title_field, content_field,
+id_field, context_fields and chat_field and the input's own columns: keys left unset fall back to
+trn.json's names (uid/title/content), Alpaca's (instruction/output, with `input` as context), or
+a conversation column (messages / conversations).
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prodtune.chat import first_question, last_answer, parse_conversation
+from prodtune.columns import TRN_JSON, Mapping, context_text, resolve_mapping
+from prodtune.config import DataConfig
 from prodtune.errors import UserError
 
 EXAMPLE_CHARS = 240
 ARROW_THREADS = True
-"""pyarrow's JSON reader uses threads; worker processes (already one per CPU) turn this off."""
-RAW_FIELDS = ("uid", "title", "content")
-ALPACA_FIELDS = (None, "instruction", "output")  # Alpaca records have no uid: one is made up
+"""pyarrow's readers use threads; worker processes (already one per CPU) turn this off."""
 _MAX_PENDING = 16 << 20  # a JSON array element longer than this is taken as broken
 _BLOCK_BYTES = 4 << 20
+_HEAD_RECORDS = 100  # records looked at to learn a JSON file's keys
 _N_EMPTY_EXAMPLES = 3
 _STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
 
@@ -43,24 +51,34 @@ def excerpt(text: str, n: int = EXAMPLE_CHARS) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+# ----------------------------------------------------------------------------- chunks and rows
+
 @dataclass
 class Chunk:
-    """Up to chunk_rows raw records: JSON-lines bytes, or objects already decoded (JSON array, hub)."""
+    """Up to chunk_rows raw records: JSON-lines bytes, decoded objects (JSON array, hub) or an Arrow table."""
 
     name: str
-    fields: tuple[str | None, str, str]
+    mapping: Mapping
     first_line: int
     blob: bytes | None = b""
     """JSON lines; None when the worker reads them itself from path, offset, nbytes."""
     n_lines: int = 0
     objects: list[tuple[int, str, Any]] | None = None
     """(line or row number, uid to use when the record has none, record)."""
+    table: pa.Table | None = None
+    """CSV or parquet rows: the mapped columns (prodtune.tables)."""
+    numbers: np.ndarray | None = None
+    """Row number of each table row when they are not consecutive (CSV rows skipped as malformed)."""
+    bad: list[tuple[int, str, str]] = field(default_factory=list)
+    """Records the reader itself could not use (line, problem, text), e.g. a CSV row with too few fields."""
+    lost: int = 0
+    """Records known to exist but unreadable (a parquet row group that cannot be decoded): counted as bad."""
     unit: str = "line"
     path: str | None = None
     offset: int = 0
     nbytes: int = 0
     position: int = 0
-    """Bytes of the input read so far (rows, for a hub dataset): drives the progress bar."""
+    """Bytes of the input read so far (rows, for a hub dataset or parquet): drives the progress bar."""
     tail_problem: str | None = None
     """A problem found after this chunk's lines, e.g. where a gzip stream breaks off."""
 
@@ -73,9 +91,15 @@ class Rows:
     titles: list[Any] = field(default_factory=list)
     contents: list[Any] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
+    context: dict[str, list[str | None]] = field(default_factory=dict)
+    """Context column -> its value in each row, as text (None: absent, null or empty)."""
+    messages: list[list[dict[str, str]] | None] | None = None
+    """Conversations (chat input only): messages with normalised roles; None for a row without one."""
     read: int = 0
     bad: list[tuple[int, str, str]] = field(default_factory=list)
     """(line, problem, the line's text) of each record that could not be used at all."""
+    lost: int = 0
+    """Records that could not even be read one by one (an undecodable parquet row group)."""
     notes: list[tuple[int, str]] = field(default_factory=list)
     """(line, problem) of records kept for the clean rules to judge (a null or a number title)."""
     problems: list[str] = field(default_factory=list)
@@ -83,30 +107,61 @@ class Rows:
     checked: bool = False
     """Every title and content is a string (and, with drop_missing, not empty)."""
     empty: int = 0
-    """Rows with an empty title or content already left out (the fast path does this in bulk)."""
-    empty_examples: list[tuple[int, str, str, str]] = field(default_factory=list)
+    """Rows with an empty (or null) title or content already left out (the fast paths do this in bulk)."""
+    empty_examples: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+    """(line, uid, title, content, why) of the first few of them."""
     arrow: pa.Table | None = None
     """The fast path's (uid, title, content) as Arrow strings, aligned with the lists."""
 
 
-def open_chunks(source: str, chunk_rows: int) -> tuple[Iterator[Chunk], int | None, str]:
-    """The input as chunks, its size in bytes (None for a hub dataset) and a description.
+@dataclass
+class Input:
+    """An opened input: its chunks, and what is known before reading them."""
 
-    A missing input, a folder or an empty file is one UserError here, before anything is written.
+    chunks: Iterator[Chunk]
+    mapping: Mapping
+    format: str
+    """'json lines', 'json array', 'csv', 'tsv', 'parquet' or 'hub'."""
+    described: str
+    size: int | None
+    """Bytes of the file (None for a hub dataset): sets how many worker processes clean it."""
+    total: int | None
+    """Progress bar total in `unit`."""
+    unit: str = "B"
+
+
+def open_input(data: DataConfig) -> Input:
+    """The input named by data.raw_path, its mapping resolved and its chunks ready to stream.
+
+    A missing input, a folder, an empty file, a name that contradicts the content or a mapped
+    column that does not exist is one UserError here, before anything is written.
     """
+    source = data.raw_path
     if source.startswith("hf:"):
-        return hub_chunks(source, chunk_rows), None, f"Hugging Face dataset {source[3:]}"
+        return _hub_input(data)
+    from prodtune import tables
+
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data.raw_path '{source}' not found; download trn.json (see data/README.md) "
-                        "or point data.raw_path at it")
+                        "or point data.raw_path at your own file")
     if path.is_dir():
-        raise UserError(f"data.raw_path '{source}' is a folder; give the trn.json file inside it")
+        raise UserError(f"data.raw_path '{source}' is a folder; give the file inside it")
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"data.raw_path '{source}' is empty (0 bytes); the download may have failed")
-    return read_chunks(path, chunk_rows), size, str(path)
+    fmt = tables.detect_format(path)
+    if fmt in ("csv", "tsv", "parquet"):
+        return tables.open_table(path, fmt, data, size)
+    is_array, head = _json_head(path)
+    columns = list(dict.fromkeys(k for r in head if isinstance(r, dict) for k in r)) if head else None
+    mapping = resolve_mapping(data, columns, path.name, f"keys in the first {len(head)} records")
+    if is_array:
+        return Input(_array_chunks(path, data.chunk_rows, mapping), mapping, "json array", str(path), size, size)
+    return Input(read_chunks(path, data.chunk_rows, mapping), mapping, "json lines", str(path), size, size)
 
+
+# ----------------------------------------------------------------------------- JSON
 
 def _open(path: Path) -> tuple[Any, Any]:
     """(raw file, decompressed stream); gzip is recognised by its magic bytes, not the suffix."""
@@ -120,10 +175,33 @@ def _open(path: Path) -> tuple[Any, Any]:
     return raw, raw
 
 
-def _detect_fields(obj: Any) -> tuple[str | None, str, str]:
-    if isinstance(obj, dict) and "title" not in obj and "instruction" in obj:
-        return ALPACA_FIELDS
-    return RAW_FIELDS
+def _json_head(path: Path) -> tuple[bool, list[Any]]:
+    """(is it a JSON array, its first records that parse): to learn the keys before streaming."""
+    raw, stream = _open(path)
+    with raw, stream:
+        try:
+            block = stream.read1(_BLOCK_BYTES)
+        except _STREAM_ERRORS:
+            block = b""
+    text = block.decode("utf-8", "replace").lstrip(" \t\r\n\ufeff")
+    records: list[Any] = []
+    if text.startswith("["):
+        decoder, pos = json.JSONDecoder(), 1
+        while len(records) < _HEAD_RECORDS:
+            while pos < len(text) and (text[pos].isspace() or text[pos] == ","):
+                pos += 1
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                break
+            records.append(obj)
+        return True, records
+    for line in text.split("\n")[:_HEAD_RECORDS]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return False, records
 
 
 def _count_newlines(block: bytes, start: int = 0) -> int:
@@ -137,8 +215,8 @@ def _nth_newline_end(block: bytes, start: int, k: int) -> int:
     return start
 
 
-def read_chunks(path: Path, chunk_rows: int) -> Iterator[Chunk]:
-    """Stream a JSON-lines file (plain or gzip) or a JSON array as chunks of chunk_rows records.
+def read_chunks(path: Path, chunk_rows: int, mapping: Mapping = TRN_JSON) -> Iterator[Chunk]:
+    """Stream a JSON-lines file (plain or gzip) as chunks of chunk_rows records.
 
     This runs in the one process that feeds every worker, so it reads big blocks and counts lines
     in C rather than iterating line by line. A chunk of a plain file is only (offset, length): the
@@ -152,21 +230,13 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[Chunk]:
             block = stream.read1(_BLOCK_BYTES)
         except _STREAM_ERRORS as e:
             block, broken = b"", e
-        text = block.lstrip(b" \t\r\n\xef\xbb\xbf")
-        if text.startswith(b"["):
-            yield from _array_chunks(path, [block], stream, chunk_rows, raw)
-            return
-        try:
-            fields = _detect_fields(json.loads(text.split(b"\n", 1)[0]))
-        except ValueError:
-            fields = RAW_FIELDS
 
         def chunk(pieces: list[bytes], offset: int, nbytes: int, first_line: int, n_lines: int,
                   tail: str | None = None) -> Chunk:
             if compressed:
-                return Chunk(path.name, fields, first_line, b"".join(pieces), n_lines,
+                return Chunk(path.name, mapping, first_line, b"".join(pieces), n_lines,
                              position=raw.tell(), tail_problem=tail)
-            return Chunk(path.name, fields, first_line, None, n_lines, path=str(path), offset=offset,
+            return Chunk(path.name, mapping, first_line, None, n_lines, path=str(path), offset=offset,
                          nbytes=nbytes, position=offset + nbytes, tail_problem=tail)
 
         line_no, count, pieces = 1, 0, []  # count: complete lines since the chunk began
@@ -213,22 +283,23 @@ def _read_range(path: str | Path, offset: int, n: int) -> bytes:
         return f.read(n)
 
 
-def _array_chunks(path: Path, head: list[bytes], stream: Any, chunk_rows: int, raw: Any) -> Iterator[Chunk]:
+def _array_chunks(path: Path, chunk_rows: int, mapping: Mapping) -> Iterator[Chunk]:
     """A JSON array (Alpaca style) decoded element by element, so a large file is never loaded whole."""
+    raw, stream = _open(path)
+    with raw, stream:
+        yield from _array_elements(path, stream, chunk_rows, raw, mapping)
+
+
+def _array_elements(path: Path, stream: Any, chunk_rows: int, raw: Any, mapping: Mapping) -> Iterator[Chunk]:
     decoder = json.JSONDecoder()
     text_decoder = codecs.getincrementaldecoder("utf-8")()
     buf, pos, line, counted = "", 0, 1, 0
     opened = closed = False
     objects: list[tuple[int, str, Any]] = []
-    fields: tuple[str | None, str, str] | None = None
     problem, index = None, 0
-    blocks = iter(head)
     while not closed and problem is None:
         try:
-            block = next(blocks, None)
-            if block is None:
-                block = stream.read1(_BLOCK_BYTES)
-                blocks = iter(())
+            block = stream.read1(_BLOCK_BYTES)
             text = text_decoder.decode(block, final=not block)
         except UnicodeDecodeError as e:
             problem = f"not valid UTF-8 ({e.reason}); the rest of the file skipped"
@@ -259,12 +330,10 @@ def _array_chunks(path: Path, head: list[bytes], stream: Any, chunk_rows: int, r
                 break
             line += buf.count("\n", counted, pos)
             counted = pos
-            if fields is None:
-                fields = _detect_fields(obj)
             objects.append((line, f"item{index}", obj))
             index, pos = index + 1, end
             if len(objects) == chunk_rows:
-                yield Chunk(path.name, fields, objects[0][0], objects=objects, position=raw.tell())
+                yield Chunk(path.name, mapping, objects[0][0], objects=objects, position=raw.tell())
                 objects = []
         line += buf.count("\n", counted, pos)
         counted = pos
@@ -274,16 +343,30 @@ def _array_chunks(path: Path, head: list[bytes], stream: Any, chunk_rows: int, r
             break
     tail = f"{path.name} line {line}: {problem}" if problem else None
     if objects or tail:
-        yield Chunk(path.name, fields or RAW_FIELDS, objects[0][0] if objects else line, objects=objects,
+        yield Chunk(path.name, mapping, objects[0][0] if objects else line, objects=objects,
                     position=raw.tell(), tail_problem=tail)
 
 
-def hub_chunks(spec: str, chunk_rows: int) -> Iterator[Chunk]:
-    """Stream a Hugging Face dataset ('hf:<id>' or 'hf:<id>:<split>') in chunks of records."""
-    ds_id, _, split = spec[3:].partition(":")
+
+
+# ----------------------------------------------------------------------------- the hub
+
+def _hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """'hf:owner/name[:config][:split]' -> (dataset id, config or None, split, 'train' by default)."""
+    parts = spec[3:].split(":")
+    if len(parts) > 3 or not all(parts):
+        raise UserError(f"data.raw_path '{spec}': write hf:<owner/name>, hf:<owner/name>:<split> or "
+                        "hf:<owner/name>:<config>:<split>")
+    return parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
+
+
+def _hub_input(data: DataConfig) -> Input:
+    """Stream a Hugging Face dataset; its first row tells the columns before any chunk is read."""
+    spec = data.raw_path
+    ds_id, config, split = _hub_spec(spec)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     hint = ("HF_HUB_OFFLINE is set: unset it, or use a local file" if offline
-            else "download trn.json (see data/README.md) and set data.raw_path to the file")
+            else "check the id and your connection, or download the data and set data.raw_path to the file")
 
     def fail(e: BaseException) -> UserError:
         return UserError(f"data.raw_path '{spec}': could not stream the Hugging Face dataset '{ds_id}' "
@@ -292,22 +375,33 @@ def hub_chunks(spec: str, chunk_rows: int) -> Iterator[Chunk]:
     try:
         from datasets import load_dataset
 
-        it = iter(load_dataset(ds_id, split=split or "train", streaming=True))
-        objects: list[tuple[int, str, Any]] = []
-        fields = None
-        for i, row in enumerate(it, 1):
-            fields = fields or _detect_fields(row)
-            objects.append((i, f"row{i}", row))
+        it = iter(load_dataset(ds_id, name=config, split=split, streaming=True))
+        first = next(it, None)
+    except Exception as e:  # offline, unknown id or split, gated
+        raise fail(e) from None
+    mapping = resolve_mapping(data, list(first) if isinstance(first, dict) else None, spec)
+    described = f"Hugging Face dataset {ds_id}" + (f" ({config})" if config else "") + f", split {split}"
+    chunks = _hub_chunks(spec, first, it, data.chunk_rows, mapping, fail)
+    return Input(chunks, mapping, "hub", described, None, None, " rows")
+
+
+def _hub_chunks(spec: str, first: Any, it: Iterator[Any], chunk_rows: int, mapping: Mapping,
+                fail: Any) -> Iterator[Chunk]:
+    if first is None:
+        return
+    objects: list[tuple[int, str, Any]] = [(1, "row1", first)]
+    i = 1
+    try:
+        for i, row in enumerate(it, 2):
             if len(objects) == chunk_rows:
-                yield Chunk(spec, fields, objects[0][0], objects=objects, unit="row", position=i)
+                yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i - 1)
                 objects = []
+            objects.append((i, f"row{i}", row))
     except UserError:
         raise
-    except Exception as e:  # offline, unknown id, gated, network dropped mid-stream
+    except Exception as e:  # the network dropped mid-stream
         raise fail(e) from None
-    if objects:
-        yield Chunk(spec, fields or RAW_FIELDS, objects[0][0], objects=objects, unit="row",
-                    position=objects[-1][0])
+    yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i)
 
 
 # ----------------------------------------------------------------------------- parsing a chunk
@@ -317,48 +411,83 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def _lone_surrogate(value: str) -> bool:
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: bool, uid_default: str) -> None:
     """Append one decoded record, or record why it cannot be used (naming the file and line)."""
     where = f"{chunk.name} {chunk.unit} {line}"
     if not isinstance(obj, dict):
         rows.bad.append((line, f"{where}: not a JSON object ({_kind(obj)}); skipped", excerpt(str(obj))))
         return
-    uid_key, title_key, content_key = chunk.fields
+    m = chunk.mapping
+    if m.chat:
+        _add_conversation(rows, where, line, obj, m.chat, obj.get(m.uid) if m.uid else None, uid_default)
+        return
     values = []
-    for key in (title_key, content_key):
+    for key in (m.title, m.content):
         value = obj.get(key)
         if value.__class__ is str:
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    rows.bad.append((line, f"{where}: '{key}' holds an invalid unicode escape (a lone "
-                                           "surrogate); skipped", excerpt(ascii(value))))
-                    return
+            if _lone_surrogate(value):
+                rows.bad.append((line, f"{where}: '{key}' holds an invalid unicode escape (a lone "
+                                       "surrogate); skipped", excerpt(ascii(value))))
+                return
         else:
             what = f"no '{key}' field" if key not in obj else f"'{key}' is {_kind(value)}, not a string"
             rows.notes.append((line, f"{where}: {what}; {'dropped' if drop_missing else 'kept as text'}"))
         values.append(value)
-    uid = obj.get(uid_key) if uid_key else None
+    uid = obj.get(m.uid) if m.uid else None
     rows.uids.append(uid_default if uid is None or uid == "" else str(uid))
     rows.titles.append(values[0])
     rows.contents.append(values[1])
     rows.lines.append(line)
+    for name in m.context:
+        rows.context.setdefault(name, []).append(context_text(obj.get(name)))
+
+
+def _add_conversation(rows: Rows, where: str, line: int, obj: dict, key: str, uid: Any, uid_default: str) -> None:
+    """Append one chat record: its messages, first user message (title) and last answer (content)."""
+    value = obj.get(key)
+    messages = None
+    if value is None:
+        rows.notes.append((line, f"{where}: {'no' if key not in obj else 'a null'} '{key}' field; dropped"))
+    else:
+        messages, why = parse_conversation(value)
+        if messages is not None and any(_lone_surrogate(m["content"]) for m in messages):
+            messages, why = None, "holds an invalid unicode escape (a lone surrogate)"
+        if messages is None:
+            text = json.dumps(value, ensure_ascii=True, default=str)
+            rows.bad.append((line, f"{where}: '{key}' {why}; skipped", excerpt(text)))
+            return
+    rows.uids.append(uid_default if uid is None or uid == "" else str(uid))
+    rows.lines.append(line)
+    rows.messages.append(messages)  # type: ignore[union-attr]
+    rows.titles.append(first_question(messages) if messages else None)
+    k = last_answer(messages) if messages else None
+    rows.contents.append(messages[k]["content"] if k is not None else None)  # type: ignore[index]
 
 
 def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
     """The fast path: pyarrow's multi-threaded JSON reader; None when the chunk needs a closer look.
 
     With drop_empty, rows with an empty title or content (about half of trn.json) are counted and
-    left out here, before they cost a Python string each.
+    left out here, before they cost a Python string each. Context columns must be strings here.
     """
     import pyarrow.compute as pc
     import pyarrow.json as pj
 
-    uid_key, title_key, content_key = chunk.fields
-    if uid_key is None or chunk.n_lines == 0:
+    m = chunk.mapping
+    if m.chat or chunk.n_lines == 0:
         return None
-    schema = pa.schema([(k, pa.string()) for k in chunk.fields])
+    keys = [k for k in (m.uid, m.title, m.content) if k]
+    schema = pa.schema([(k, pa.string()) for k in dict.fromkeys([*keys, *m.context])])
     try:
         table = pj.read_json(pa.BufferReader(chunk.blob),
                              read_options=pj.ReadOptions(block_size=_BLOCK_BYTES, use_threads=ARROW_THREADS),
@@ -367,43 +496,55 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
     except (pa.ArrowException, ValueError):  # bad JSON, a wrong type, bytes that are not UTF-8
         return None
     # Blank lines or nulls: the line-by-line parse gives exact line numbers and messages.
-    if table.num_rows != chunk.n_lines or any(table.column(k).null_count for k in chunk.fields):
+    if table.num_rows != chunk.n_lines or any(table.column(k).null_count for k in keys):
         return None
     n = table.num_rows
     rows = Rows(read=n, checked=True)
     lines = np.arange(chunk.first_line, chunk.first_line + n)
+    if m.uid is None:
+        table = table.append_column("\0uid", pa.array([f"line{i}" for i in lines.tolist()], pa.string()))
+    uid_key = m.uid or "\0uid"
     if drop_empty:
-        empty = pc.or_(pc.equal(pc.binary_length(table.column(title_key)), 0),
-                       pc.equal(pc.binary_length(table.column(content_key)), 0))
+        empty = pc.or_(pc.equal(pc.binary_length(table.column(m.title)), 0),
+                       pc.equal(pc.binary_length(table.column(m.content)), 0))
         rows.empty = pc.sum(empty).as_py() or 0
         if rows.empty:
             first = pc.indices_nonzero(empty)[:_N_EMPTY_EXAMPLES].to_pylist()
-            rows.empty_examples = [(int(lines[i]), *(table.column(k)[i].as_py() for k in chunk.fields))
-                                   for i in first]
+            rows.empty_examples = [(int(lines[i]), *(table.column(k)[i].as_py() for k in (uid_key, m.title, m.content)),
+                                    "empty") for i in first]
             keep = pc.invert(empty)
             table, lines = table.filter(keep), lines[keep.to_numpy(zero_copy_only=False)]
-    rows.uids, rows.titles, rows.contents = (table.column(k).to_pylist() for k in chunk.fields)
+    rows.uids, rows.titles, rows.contents = (table.column(k).to_pylist() for k in (uid_key, m.title, m.content))
+    rows.context = {name: [v or None for v in table.column(name).to_pylist()] for name in m.context}
     rows.lines = lines.tolist()
-    rows.arrow = table
+    rows.arrow = pa.table([table.column(k) for k in (uid_key, m.title, m.content)], names=["uid", "title", "content"])
     return rows
 
 
 def parse_chunk(chunk: Chunk, drop_missing: bool = True) -> Rows:
-    """Decode a chunk's records; malformed lines are listed, never fatal."""
-    if chunk.blob is None:
-        chunk.blob = _read_range(chunk.path, chunk.offset, chunk.nbytes)  # type: ignore[arg-type]
-    rows = None if chunk.objects is not None else _parse_arrow(chunk, drop_missing)
-    if rows is None:
-        rows = Rows()
-        if chunk.objects is not None:
-            for line, uid, obj in chunk.objects:
-                rows.read += 1
-                _add_object(rows, chunk, line, obj, drop_missing, uid)
-        else:
-            _parse_lines(rows, chunk, drop_missing)
+    """Decode a chunk's records; malformed ones are listed, never fatal."""
+    if chunk.table is not None:
+        from prodtune.tables import table_rows
+
+        rows = table_rows(chunk, drop_missing)
+    else:
+        if chunk.blob is None:
+            chunk.blob = _read_range(chunk.path, chunk.offset, chunk.nbytes)  # type: ignore[arg-type]
+        rows = None if chunk.objects is not None else _parse_arrow(chunk, drop_missing)
+        if rows is None:
+            rows = Rows(messages=[] if chunk.mapping.chat else None)
+            if chunk.objects is not None:
+                for line, uid, obj in chunk.objects:
+                    rows.read += 1
+                    _add_object(rows, chunk, line, obj, drop_missing, uid)
+            else:
+                _parse_lines(rows, chunk, drop_missing)
+    if rows.bad or rows.notes:
         rows.problems = [msg for _, msg in sorted([(line, msg) for line, msg, _ in rows.bad] + rows.notes)]
     if chunk.tail_problem:
         rows.problems.append(chunk.tail_problem)
+    for name in chunk.mapping.context:  # a chunk without a single usable record
+        rows.context.setdefault(name, [None] * len(rows.uids))
     return rows
 
 

@@ -13,6 +13,7 @@ template lacks.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import shutil
@@ -148,7 +149,9 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         # Padded batches carry an attention mask to count real tokens by; padding-free ones have no pads.
         include_num_input_tokens_seen="all" if plan.packing else "non_padding",
-        report_to="none",  # TensorBoard is attached by hand to write into train/tensorboard
+        # TensorBoard is attached by hand (to write into train/tensorboard); the others go to TRL.
+        report_to=report_targets(t.report_to)[1] or "none",
+        run_name=Path(output_dir).parent.parent.name,  # the run folder's name, for W&B and MLflow
         dataloader_num_workers=0,
         **distributed.DDP_ARGS,  # under accelerate launch: DDP set up for LoRA
     )
@@ -197,8 +200,36 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
 
 # ----------------------------------------------------------------------------- logging
 
-def _log_callbacks(paths: RunPaths, resume_step: int) -> list[Any]:
-    """Callbacks writing train/log.jsonl (one JSON object per log event) and TensorBoard."""
+REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune",
+             "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio", "swanlab": "swanlab",
+             "azure_ml": "azureml", "codecarbon": "codecarbon", "dagshub": "dagshub", "flyte": "flytekit"}
+"""transformers' logging integrations (besides tensorboard) -> the package each needs."""
+
+
+def report_targets(report_to: str | list[str]) -> tuple[bool, list[str]]:
+    """(log to TensorBoard?, the other integrations for the Trainer) from train.report_to.
+
+    An unknown name or an integration whose package is missing is a UserError, before any
+    model is loaded.
+    """
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    if names in ([], ["none"]):
+        return False, []
+    known = ["tensorboard", *REPORTERS]
+    wrong = [n for n in names if n not in known]
+    if wrong:
+        hint = "; 'none' cannot be combined with others" if "none" in wrong else ""
+        raise UserError(f"train.report_to: {wrong[0]!r} is not one of none, {', '.join(known)}{hint}")
+    for name in names:
+        if name != "tensorboard" and importlib.util.find_spec(REPORTERS[name]) is None:
+            raise UserError(f"train.report_to={name}: the {REPORTERS[name]} package is not installed; "
+                            f"pip install {REPORTERS[name]}, or leave {name} out of train.report_to")
+    return "tensorboard" in names, [n for n in names if n != "tensorboard"]
+
+
+def _log_callbacks(paths: RunPaths, resume_step: int, tensorboard: bool = True) -> list[Any]:
+    """Callbacks writing train/log.jsonl (one JSON object per log event) and, by default, TensorBoard."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
@@ -229,6 +260,8 @@ def _log_callbacks(paths: RunPaths, resume_step: int) -> list[Any]:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
+    if not tensorboard:
+        return [JsonlLog()]
     writer = SummaryWriter(log_dir=str(paths.train / "tensorboard"))
     return [JsonlLog(), TensorBoardCallback(tb_writer=writer)]
 
@@ -284,6 +317,7 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     started = time.time()
     paths = RunPaths(cfg.run_dir)
     main = distributed.is_main_process()
+    tensorboard, _ = report_targets(cfg.train.report_to)
     if main:
         save_config(cfg, paths.config)
     checkpoint, resumed = None, {}
@@ -309,7 +343,7 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     tokenizer = models.load_tokenizer(cfg.model, model_path)
     model = models.load_model(cfg.model, plan.device, training=True, path=model_path,
                               gradient_checkpointing=plan.gradient_checkpointing)
-    log_callbacks = _log_callbacks(paths, resumed.get("global_step", 0)) if main else []
+    log_callbacks = _log_callbacks(paths, resumed.get("global_step", 0), tensorboard) if main else []
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg.lora, cfg.train, plan, paths.checkpoints,
                             callbacks=log_callbacks + list(callbacks or []), eval_on_start=not resume)
     trainable, total = trainer.model.get_nb_trainable_parameters()
