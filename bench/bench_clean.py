@@ -2,17 +2,20 @@
 
     python bench/bench_clean.py                    # 1.3M generated rows, each approach once
     python bench/bench_clean.py --rows 200000 --repeat 3 --keep
+    python bench/bench_clean.py --format parquet   # the same rows as parquet (or csv)
 
-Generates N raw rows with prodtune.synth (cached under /tmp/prodtune-bench, reused), then cleans
-them with each approach in its own subprocess, so that peak memory is per approach:
+Generates N raw rows with prodtune.synth (cached under /tmp/prodtune-bench, reused; trn.json lines,
+or with --format the same rows as CSV or parquet), then cleans them with each approach in its
+own subprocess, so that peak memory is per approach:
   prodtune  prodtune.clean.clean_data (every rule, file-wide dedupe, parquet)
-  pandas    pd.read_json(lines=True), regex tag strip, html.unescape, strip, drop empty, parquet
+  pandas    pd.read_json(lines=True) / read_csv / read_parquet, regex tag strip, html.unescape,
+            strip, drop empty, parquet
 Peak memory is polled from /proc over the approach's whole process tree (its worker processes
 too): RSS summed over the processes (an upper bound: pages shared after fork count twice) and
 PSS (shared pages split between the processes that share them). "seconds" is the cleaning
 time inside the child, "CPU s" the CPU time of its process tree: on a shared, busy machine the
 second tells more about the code than the first. Prints a table and writes
-bench/results/clean-<host>.json. The target (issue 2): 1.3M rows in <= 60 s, peak <= 1.5 GiB,
+bench/results/clean-<host>[-<format>].json (or --out). The target (issue 2): 1.3M rows in <= 60 s, peak <= 1.5 GiB,
 >= 5x the pandas rows/s, on a 2-core machine.
 """
 
@@ -53,7 +56,12 @@ def run_pandas(raw: str, out: str, workers: int) -> dict:
     import pandas as pd
 
     start = time.perf_counter()
-    df = pd.read_json(raw, lines=True)
+    if raw.endswith(".parquet"):
+        df = pd.read_parquet(raw, columns=["uid", "title", "content"])
+    elif raw.endswith(".csv"):
+        df = pd.read_csv(raw, dtype=str, keep_default_na=False)
+    else:
+        df = pd.read_json(raw, lines=True)
     rows = len(df)
     for col in ("title", "content"):
         df[col] = (df[col].astype(str).str.replace(r"<[^>]+>", "", regex=True)
@@ -139,15 +147,15 @@ def measure(name: str, raw: Path, out: Path, workers: int) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
-def raw_file(rows: int, seed: int) -> Path:
-    from prodtune.synth import VERSION, write_raw
+def raw_file(rows: int, seed: int, fmt: str = "json") -> Path:
+    from prodtune.synth import VERSION, write_raw, write_table
 
-    path = CACHE / f"trn-{rows}-s{seed}-v{VERSION}.json"
+    path = CACHE / f"trn-{rows}-s{seed}-v{VERSION}.{fmt}"
     if path.is_file():
         print(f"input: {path} (cached, {path.stat().st_size / 2**20:.0f} MiB)")
         return path
     start = time.perf_counter()
-    write_raw(path, rows, seed)
+    (write_raw if fmt == "json" else write_table)(path, rows, seed)
     print(f"input: {path} ({path.stat().st_size / 2**20:.0f} MiB, generated in "
           f"{time.perf_counter() - start:.1f} s)")
     return path
@@ -184,13 +192,16 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per approach; the fastest is reported")
     p.add_argument("--workers", type=int, default=0, help="data.clean_workers for prodtune (0 = auto)")
     p.add_argument("--only", choices=sorted(APPROACHES), help="run one approach")
+    p.add_argument("--format", choices=["json", "csv", "parquet"], default="json",
+                   help="input format: trn.json lines (default), or the same rows as CSV or parquet")
+    p.add_argument("--out", help="results file (default bench/results/clean-<host>[-<format>].json)")
     p.add_argument("--keep", action="store_true", help="keep the cleaned outputs (the input stays cached)")
     p.add_argument("--_child"), p.add_argument("--_raw"), p.add_argument("--_out")
     args = p.parse_args()
     if args._child:
         return child_main(args._child, args._raw, args._out, args.workers)
 
-    raw = raw_file(args.rows, args.seed)
+    raw = raw_file(args.rows, args.seed, args.format)
     out_root = Path(tempfile.mkdtemp(prefix="prodtune-bench-out-"))
     load_before = os.getloadavg()
     results = []
@@ -211,12 +222,14 @@ def main() -> None:
           f"on {os.cpu_count()} CPUs ({cpu_name()})")
 
     host = socket.gethostname() or cpu_name().replace(" ", "-")
-    dest = HERE / "results" / f"clean-{host}.json"
+    suffix = "" if args.format == "json" else f"-{args.format}"
+    dest = Path(args.out) if args.out else HERE / "results" / f"clean-{host}{suffix}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": host, "cpu": cpu_name(), "cpus": os.cpu_count(),
         "load_average_before_after": [load_before[0], load_after[0]], "python": platform.python_version(),
-        "input": str(raw), "input_bytes": raw.stat().st_size, "rows": args.rows, "seed": args.seed,
+        "input": str(raw), "input_bytes": raw.stat().st_size, "format": args.format, "rows": args.rows,
+        "seed": args.seed,
         "repeat": args.repeat, "results": results, "speed_ratio": ratio,
         "cpu_ratio": (by["pandas"]["cpu_seconds"] / by["prodtune"]["cpu_seconds"]) if ratio else None,
     }, indent=2) + "\n")

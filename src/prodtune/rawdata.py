@@ -41,7 +41,8 @@ ARROW_THREADS = True
 """pyarrow's readers use threads; worker processes (already one per CPU) turn this off."""
 _MAX_PENDING = 16 << 20  # a JSON array element longer than this is taken as broken
 _BLOCK_BYTES = 4 << 20
-_HEAD_RECORDS = 100  # records looked at to learn a JSON file's keys
+_HEAD_RECORDS = 100  # records looked at to learn a JSON file's keys ...
+_HEAD_BYTES = 1 << 20  # ... within its first MiB
 _N_EMPTY_EXAMPLES = 3
 _STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
 
@@ -180,7 +181,7 @@ def _json_head(path: Path) -> tuple[bool, list[Any]]:
     raw, stream = _open(path)
     with raw, stream:
         try:
-            block = stream.read1(_BLOCK_BYTES)
+            block = stream.read(_HEAD_BYTES)
         except _STREAM_ERRORS:
             block = b""
     text = block.decode("utf-8", "replace").lstrip(" \t\r\n\ufeff")

@@ -1,6 +1,7 @@
 """Synthetic raw rows in the trn.json line format, with the real file's shape and dirt.
 
     python -m prodtune.synth /tmp/trn-1.3M.json 1300000 --seed 0     (a .gz suffix compresses)
+    python -m prodtune.synth /tmp/trn-1.3M.parquet 1300000           (.csv, .tsv: the same rows as a table)
 
 Used by bench/bench_clean.py and scale tests: the real AmazonTitles-1.3MM file is a download, this
 is not. Shares below are measured on the shipped sample (data/README.md) or stated for the full
@@ -176,13 +177,51 @@ def write_raw(path: str | Path, n_rows: int, seed: int = 0) -> Path:
     return path
 
 
+PARQUET_ROW_GROUP = 1 << 18
+"""Rows per parquet row group: 262,144 rows, about 80 MB of text, as many writers make them."""
+
+
+def write_table(path: str | Path, n_rows: int, seed: int = 0) -> Path:
+    """The same rows as write_raw, as a table: .parquet (all five columns), or .csv / .tsv (uid,
+    title and content; a .gz suffix compresses) as a catalogue export would have them."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    parquet = name.endswith(".parquet")
+    columns = ["uid", "title", "content"] + (["target_ind", "target_rel"] if parquet else [])
+    batch_rows = PARQUET_ROW_GROUP if parquet else 10_000
+    with atomic_path(path) as tmp:
+        sink = gzip.open(tmp, "wb", compresslevel=3) if path.suffix == ".gz" else open(tmp, "wb")
+        with sink:
+            writer = None
+            batch: list[dict[str, Any]] = []
+            rows = make_rows(n_rows, seed)
+            while True:
+                batch = [dict((k, r[k]) for k in columns) for _, r in zip(range(batch_rows), rows)]
+                if not batch:
+                    break
+                table = pa.Table.from_pylist(batch)
+                if writer is None:
+                    writer = (pq.ParquetWriter(sink, table.schema) if parquet else
+                              pacsv.CSVWriter(sink, table.schema, write_options=pacsv.WriteOptions(
+                                  delimiter="\t" if name.endswith(".tsv") else ",")))
+                writer.write_table(table)
+            if writer is not None:
+                writer.close()
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write synthetic trn.json rows (real shape and dirt).")
-    p.add_argument("path", help="output file (.json, .jsonl, or .gz for gzip)")
+    p.add_argument("path", help="output file (.json, .jsonl, .csv, .tsv or .parquet; .gz compresses)")
     p.add_argument("n_rows", type=int, help="number of rows")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    print(write_raw(args.path, args.n_rows, args.seed))
+    table = args.path.removesuffix(".gz").endswith((".csv", ".tsv", ".parquet"))
+    print((write_table if table else write_raw)(args.path, args.n_rows, args.seed))
 
 
 if __name__ == "__main__":

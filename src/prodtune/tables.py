@@ -115,22 +115,29 @@ def _delimiter(head: bytes, fmt: str) -> str:
 
 class _EndAtBreak(io.RawIOBase):
     """A decompressed stream that ends where the compressed data breaks off, keeping the error, so
-    that pyarrow keeps the rows before the break instead of failing the whole read."""
+    that pyarrow keeps the rows before the break instead of failing the whole read. It passes on
+    whole lines only: the line the break cuts in two is dropped, never read as a shorter row."""
 
     def __init__(self, stream: Any):
-        self.stream, self.error = stream, None
+        self.stream, self.error, self.held = stream, None, b""
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self.error is not None:
-            return 0
-        try:
-            data = self.stream.read1(len(buffer))
-        except rawdata._STREAM_ERRORS as e:
-            self.error = e
-            return 0
+        data = b""
+        while not data and self.error is None:
+            try:
+                block = self.stream.read1(max(len(buffer) - len(self.held), 1))
+            except rawdata._STREAM_ERRORS as e:
+                self.error, self.held = e, b""  # the cut line goes
+                break
+            if not block:  # the end of a sound stream: the last line, newline or not
+                data, self.held = self.held, b""
+                break
+            block = self.held + block
+            end = block.rfind(b"\n") + 1
+            data, self.held = block[:end], block[end:]
         buffer[:len(data)] = data
         return len(data)
 
