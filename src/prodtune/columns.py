@@ -35,7 +35,7 @@ class Mapping:
     content: str | None
     """Product description: the answer to learn (None for conversations: their last assistant turn)."""
     uid: str | None = None
-    """Row id; None: made up from the line or row number."""
+    """Row id (auto: uid, else id); None: made up from the line or row number."""
     context: tuple[str, ...] = ()
     """Extra columns rendered into the prompt as labelled lines (brand, category ...)."""
     chat: str | None = None
@@ -58,6 +58,10 @@ class Mapping:
 
 
 TRN_JSON = Mapping("title", "content", "uid")
+
+
+def _auto_id(cols: list[str] | None) -> str | None:
+    return next((c for c in ("uid", "id") if cols and c in cols), None)
 
 
 def resolve_mapping(data: DataConfig, columns: Sequence[str] | None, source: str,
@@ -84,12 +88,12 @@ def resolve_mapping(data: DataConfig, columns: Sequence[str] | None, source: str
         if data.context_fields:
             problems.append("data.context_fields applies to product rows; a conversation carries its context in "
                             "its messages: leave data.context_fields unset")
-        mapping = Mapping(None, None, data.id_field or ("uid" if cols and "uid" in cols else None), (), chat)
+        mapping = Mapping(None, None, data.id_field or _auto_id(cols), (), chat)
         wanted = {"data.chat_field": chat}
     else:
         title = data.title_field or ("instruction" if alpaca else "title")
         content = data.content_field or ("output" if alpaca else "content")
-        uid = data.id_field or ("uid" if not alpaca and has("uid") else None)
+        uid = data.id_field or (None if alpaca else "uid" if cols is None else _auto_id(cols))
         context = (tuple(data.context_fields) if data.context_fields is not None
                    else ("input",) if alpaca and has("input") else ())
         mapping = Mapping(title, content, uid, context)

@@ -50,7 +50,7 @@ class DataConfig:
     content_field: str | None = None
     """Column holding the description the model learns to write (None = auto: content, or output in Alpaca)."""
     id_field: str | None = None
-    """Column holding a row id (None = uid when the input has it, else made up from the line or row number)."""
+    """Column holding a row id (None = uid or id when the input has one, else made up from the line or row number)."""
     context_fields: list[str] | None = None
     """Extra columns (brand, category, price ...) shown as labelled lines in the prompt, for training and
     inference alike; None = auto (Alpaca's input), [] = none."""
