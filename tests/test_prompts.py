@@ -12,8 +12,8 @@ import pytest
 from prodtune.config import DEFAULT_QUESTION_TEMPLATES, load_config
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, read_json, read_jsonl
-from prodtune.prompts import (SPLITS, as_question, assign_splits, build_prompt, format_stage,
-                              normalize_title, pick_templates, sample_indices)
+from prodtune.prompts import (SPLITS, as_question, ask_prompt, assign_splits, build_prompt, context_label,
+                              format_stage, normalize_title, pick_templates, sample_indices)
 
 # Near-duplicates of one title: case, whitespace, punctuation, curly quote, full-width letters.
 NEAR_DUPLICATES = ["Mog's Kittens", "mog's  kittens", "MOG'S KITTENS!", "Mog’s Kittens",
@@ -292,3 +292,56 @@ def test_failed_run_keeps_previous_outputs(tmp_path, monkeypatch):
         format_stage(cfg_for(tmp_path, "data.seed=99"))
     assert {s: RunPaths(tmp_path).split(s).read_text() for s in SPLITS} == before
     assert json.loads(RunPaths(tmp_path).format_report.read_text())["seed"] == 3407
+
+
+# ----------------------------------------------------------------------------- context fields
+
+def test_context_lines_follow_the_question_labelled_and_in_order():
+    prompt = build_prompt("Describe 'Mug'.", "", {"brand": "Acme", "unit_price": "12.5", "colour": None})
+    assert prompt == [{"role": "user", "content": "Describe 'Mug'.\n\nBrand: Acme\nUnit price: 12.5"}]
+    assert build_prompt("Q?", "", {"brand": None}) == build_prompt("Q?", "")
+    assert context_label("product-line") == "Product line"
+
+
+def write_clean_with_context(run_dir: Path, n: int = 80) -> None:
+    rows = [{"uid": f"u{i}", "title": f"Product number {i}", "content": f"Content of product {i}. " * 3,
+             "brand": "Acme" if i % 4 == 0 else None, "category": ["Toys", "Books"][i % 2]} for i in range(n)]
+    path = RunPaths(run_dir).clean_parquet
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path)
+
+
+def test_format_puts_context_in_the_prompt_and_counts_it(tmp_path):
+    write_clean_with_context(tmp_path)
+    report = format_stage(cfg_for(tmp_path))
+    assert report["context_fields"] == {"brand": {"rows": 20, "share": 0.25}, "category": {"rows": 80, "share": 1.0}}
+    assert "context in the prompt: brand (20 rows, 25%), category (80 rows, 100%)" in report["summary"]
+    rows = {r["uid"]: r for s in all_rows(tmp_path).values() for r in s}
+    assert rows["u0"]["prompt"][-1]["content"].endswith("\n\nBrand: Acme\nCategory: Toys")
+    assert rows["u1"]["prompt"][-1]["content"].endswith("'.\n\nCategory: Books")
+    assert rows["u0"]["title"] == "Product number 0"
+
+
+def test_ask_prompt_builds_what_training_built(tmp_path):
+    write_clean_with_context(tmp_path)
+    format_stage(cfg_for(tmp_path))
+    cfg = cfg_for(tmp_path)
+    trained = next(r for s in all_rows(tmp_path).values() for r in s if r["uid"] == "u0")
+    question = trained["prompt"][-1]["content"].split("\n\n")[0]
+    # Given in another order, the context comes out in the training's order.
+    asked = ask_prompt(question, cfg.data, RunPaths(tmp_path).clean_parquet, {"category": "Toys", "brand": "Acme"})
+    assert asked == trained["prompt"]
+    with pytest.raises(UserError, match="--context colour: this run's context fields are brand, category"):
+        ask_prompt("Mug", cfg.data, RunPaths(tmp_path).clean_parquet, {"colour": "red"})
+
+
+def test_ask_prompt_for_a_run_without_context_or_on_conversations(tmp_path):
+    write_clean(tmp_path, n=10)
+    cfg = cfg_for(tmp_path)
+    with pytest.raises(UserError, match="context fields are none \\(it was trained on titles alone\\)"):
+        ask_prompt("Mug", cfg.data, RunPaths(tmp_path).clean_parquet, {"brand": "Acme"})
+    chat = [{"uid": "c1", "title": "Hi?", "content": "Hello.",
+             "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    pd.DataFrame(chat).to_parquet(RunPaths(tmp_path).clean_parquet)
+    asked = ask_prompt("Mog's Kittens", cfg.data, RunPaths(tmp_path).clean_parquet)
+    assert asked[-1] == {"role": "user", "content": "Mog's Kittens"}  # no product template for a chat run
