@@ -357,6 +357,11 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
             print(f"prodtune: note: {plan.note}")
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if "wandb" in report_targets(cfg.train.report_to)[1] and main:
+        # transformers leaves the W&B run open, and the next train_stage in a notebook would log into it.
+        import wandb
+
+        wandb.finish()
     peaks = distributed.gather(_peak_memory(plan.device))  # every process's GPU
     # FSDP holds every weight in shards: all processes gather the full state for rank 0 to save.
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if distributed.uses_fsdp() else None
