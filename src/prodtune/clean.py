@@ -315,6 +315,8 @@ def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterato
         pending: deque = deque()
         try:
             for k, chunk in enumerate(chunks):
+                if chunk.table is not None:  # CSV or parquet rows go to the worker the same way
+                    chunk.table = _spill(chunk.table, os.path.join(spill, f"in{k}.arrow"))
                 pending.append(pool.submit(_clean_in_worker, chunk, data, os.path.join(spill, f"{k}.arrow")))
                 if len(pending) >= 3 * workers:  # slack for when this process is slow to collect
                     yield _unspill(pending.popleft().result())
@@ -328,17 +330,29 @@ def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterato
 def _clean_in_worker(chunk: Chunk, data: DataConfig, spill: str) -> ChunkResult:
     """clean_chunk in a worker process. The table goes back through a local file that the caller
     memory-maps: cheaper than pickling it through a pipe (about 1 s of CPU on 1.3M rows)."""
+    if isinstance(chunk.table, str):
+        chunk.table = _unspilled(chunk.table)
     res = clean_chunk(chunk, data)
-    with pa.OSFile(spill, "wb") as sink, pa.ipc.new_file(sink, res.table.schema) as writer:
-        writer.write_table(res.table)
-    res.table, res.spilled = None, spill  # type: ignore[assignment]
+    res.table, res.spilled = _spill(res.table, spill), spill  # type: ignore[assignment]
     return res
 
 
-def _unspill(res: ChunkResult) -> ChunkResult:
-    res.table = pa.ipc.open_file(pa.memory_map(res.spilled)).read_all()
+def _spill(table: pa.Table, path: str) -> str:
+    """Write a table to an Arrow IPC file for another process to memory-map; returns the path."""
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def _unspilled(path: str) -> pa.Table:
+    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
     with contextlib.suppress(OSError):  # the mapping outlives the name (POSIX); else the folder goes
-        os.unlink(res.spilled)
+        os.unlink(path)
+    return table
+
+
+def _unspill(res: ChunkResult) -> ChunkResult:
+    res.table = _unspilled(res.spilled)  # type: ignore[arg-type]
     return res
 
 
@@ -459,7 +473,7 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
         if csv_writer:
             csv_writer.close()
     if read == 0:
-        why = problems[-1] if problems else "no records in it, only blank lines"
+        why = problems[-1] if problems else "no records in it: blank lines, or a header alone"
         raise UserError(f"data.raw_path '{data.raw_path}': nothing to clean ({why})")
     if n_problems > N_WARNINGS:
         log.warning(f"... and {n_problems - N_WARNINGS} more problems in {Path(data.raw_path).name}; "

@@ -66,8 +66,9 @@ class Chunk:
     n_lines: int = 0
     objects: list[tuple[int, str, Any]] | None = None
     """(line or row number, uid to use when the record has none, record)."""
-    table: pa.Table | None = None
-    """CSV or parquet rows: the mapped columns (prodtune.tables)."""
+    table: pa.Table | str | None = None
+    """CSV or parquet rows: the mapped columns (prodtune.tables); on its way to a worker process,
+    the Arrow file holding them."""
     numbers: np.ndarray | None = None
     """Row number of each table row when they are not consecutive (CSV rows skipped as malformed)."""
     bad: list[tuple[int, str, str]] = field(default_factory=list)
