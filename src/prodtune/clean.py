@@ -160,9 +160,10 @@ def _clean_messages(messages: list[list[dict[str, str]]], data: DataConfig) -> l
             messages[i][j]["content"] = text or ""
         per_row: dict[str, list[Edit]] = {}
         for rule, changed in edits.items():
-            seen: set[int] = set()
-            per_row[rule] = [(where[k][0], b, a) for k, b, a in changed
-                             if where[k][0] not in seen and not seen.add(where[k][0])]  # type: ignore[func-returns-value]
+            first: dict[int, Edit] = {}
+            for k, before, after in changed:
+                first.setdefault(where[k][0], (where[k][0], before, after))
+            per_row[rule] = list(first.values())
         found.append((name, per_row))
     return found
 

@@ -83,8 +83,9 @@ def detect_format(path: Path) -> str:
         raise UserError(f"{where} is not text (it has NUL bytes) nor parquet: give a CSV, TSV, JSON lines, "
                         "JSON or parquet file")
     said = f"the name says {NAMES[by_name]} ({path.suffix})" if by_name else ""
+    start = excerpt(head[:60].decode("utf-8", "replace"), 40)
     looks = {"parquet": "parquet (it starts with PAR1)", "json": "JSON (it starts with '{' or '[')",
-             "text": f"delimited text such as CSV (it starts with {excerpt(head[:60].decode('utf-8', 'replace'), 40)!r})",
+             "text": f"delimited text such as CSV (it starts with {start!r})",
              "binary": "binary data, not parquet (no PAR1 at its start)"}.get(kind)
     clash = (by_name == "parquet" and kind != "parquet"
              or by_name in ("csv", "tsv") and kind in ("parquet", "json")
