@@ -1,13 +1,16 @@
-"""Stage 1 (clean): the raw file -> clean/clean.parquet (uid, title, content) and clean_report.json.
+"""Stage 1 (clean): the raw input -> clean/clean.parquet and clean_report.json.
 
-    prodtune clean --config configs/demo.yaml [data.raw_path=data/trn.json.gz ...]
+    prodtune clean --config configs/demo.yaml [data.raw_path=shop.csv data.title_field=name ...]
 
-The input is streamed in chunks of `data.chunk_rows` lines (prodtune.rawdata reads and parses
-them), so memory stays bounded whatever the file size. Each rule runs over a whole column with
-a C-speed test in front ('&' in s, s.isascii() ...), so the most rows, which need no work, cost
-almost nothing; the rows are written to the parquet file as they come. A large file is cleaned
-by worker processes, a chunk each; exact duplicates are found across the whole file, in file
-order, in this process, from 64-bit hashes of the clean (title, content) pairs.
+clean.parquet holds uid, title, content, then the context columns (data.context_fields) under
+their own names, or, for chat input, the conversation (`messages`: its title is the first user
+message, its content the last answer). The input is streamed in chunks of `data.chunk_rows` rows
+(prodtune.rawdata and prodtune.tables read and parse them), so memory stays bounded whatever the
+file size. The text rules (prodtune.rules) run over a whole column at a time: titles, contents,
+each context column, every message. The rows are written to the parquet file as they come. A
+large file is cleaned by worker processes, a chunk each; exact duplicates are found across the
+whole file, in file order, in this process, from 64-bit hashes of the clean (title, content)
+pairs (for chat, of the whole conversation).
 """
 
 from __future__ import annotations

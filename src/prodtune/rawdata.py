@@ -3,10 +3,10 @@
     source = open_input(data)                 # the format, the column mapping, and the chunks
     rows = parse_chunk(next(source.chunks))   # uids, titles, contents, context, lines; bad records listed
 
-Formats: JSON lines (.json/.jsonl), a JSON array (Alpaca style), CSV/TSV and parquet (read by
-prodtune.tables), each gzip-compressed or not (gzip is recognised by its magic bytes, whatever the
-name), and `hf:<dataset id>[:<config>][:<split>]` streamed with datasets. Memory is bounded by the
-chunk, never by the file. A chunk of JSON lines is parsed with pyarrow's JSON reader; if anything
+Formats: JSON lines (.json/.jsonl) and a JSON array (Alpaca style), read here; CSV/TSV, parquet
+and `hf:<dataset id>[:<config>][:<split>]` (a Hugging Face dataset, streamed), read by
+prodtune.tables; each file gzip-compressed or not (gzip is recognised by its magic bytes,
+whatever the name). Memory is bounded by the chunk, never by the file. A chunk of JSON lines is parsed with pyarrow's JSON reader; if anything
 in it is off (bad JSON, a wrong type, a null, a blank line) that chunk alone is parsed line by
 line, which names the file and line of each problem.
 
@@ -138,10 +138,11 @@ def open_input(data: DataConfig) -> Input:
     A missing input, a folder, an empty file, a name that contradicts the content or a mapped
     column that does not exist is one UserError here, before anything is written.
     """
+    from prodtune import tables
+
     source = data.raw_path
     if source.startswith("hf:"):
-        return _hub_input(data)
-    from prodtune import tables
+        return tables.hub_input(data)
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -349,61 +350,6 @@ def _array_elements(path: Path, stream: Any, chunk_rows: int, raw: Any, mapping:
                     position=raw.tell(), tail_problem=tail)
 
 
-
-
-# ----------------------------------------------------------------------------- the hub
-
-def _hub_spec(spec: str) -> tuple[str, str | None, str]:
-    """'hf:owner/name[:config][:split]' -> (dataset id, config or None, split, 'train' by default)."""
-    parts = spec[3:].split(":")
-    if len(parts) > 3 or not all(parts):
-        raise UserError(f"data.raw_path '{spec}': write hf:<owner/name>, hf:<owner/name>:<split> or "
-                        "hf:<owner/name>:<config>:<split>")
-    return parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
-
-
-def _hub_input(data: DataConfig) -> Input:
-    """Stream a Hugging Face dataset; its first row tells the columns before any chunk is read."""
-    spec = data.raw_path
-    ds_id, config, split = _hub_spec(spec)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    hint = ("HF_HUB_OFFLINE is set: unset it, or use a local file" if offline
-            else "check the id and your connection, or download the data and set data.raw_path to the file")
-
-    def fail(e: BaseException) -> UserError:
-        return UserError(f"data.raw_path '{spec}': could not stream the Hugging Face dataset '{ds_id}' "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}")
-
-    try:
-        from datasets import load_dataset
-
-        it = iter(load_dataset(ds_id, name=config, split=split, streaming=True))
-        first = next(it, None)
-    except Exception as e:  # offline, unknown id or split, gated
-        raise fail(e) from None
-    mapping = resolve_mapping(data, list(first) if isinstance(first, dict) else None, spec)
-    described = f"Hugging Face dataset {ds_id}" + (f" ({config})" if config else "") + f", split {split}"
-    chunks = _hub_chunks(spec, first, it, data.chunk_rows, mapping, fail)
-    return Input(chunks, mapping, "hub", described, None, None, " rows")
-
-
-def _hub_chunks(spec: str, first: Any, it: Iterator[Any], chunk_rows: int, mapping: Mapping,
-                fail: Any) -> Iterator[Chunk]:
-    if first is None:
-        return
-    objects: list[tuple[int, str, Any]] = [(1, "row1", first)]
-    i = 1
-    try:
-        for i, row in enumerate(it, 2):
-            if len(objects) == chunk_rows:
-                yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i - 1)
-                objects = []
-            objects.append((i, f"row{i}", row))
-    except UserError:
-        raise
-    except Exception as e:  # the network dropped mid-stream
-        raise fail(e) from None
-    yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i)
 
 
 # ----------------------------------------------------------------------------- parsing a chunk

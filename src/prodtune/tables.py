@@ -1,11 +1,12 @@
-"""CSV, TSV and parquet input for the clean stage, streamed in chunks with pyarrow's own readers.
+"""CSV, TSV, parquet and hub-dataset input for the clean stage, streamed in chunks.
 
     fmt = detect_format(Path("shop.csv.gz"))          # 'csv': the name and the first bytes agree
     source = open_table(path, fmt, data, size)        # rawdata.Input: mapping resolved, chunks ready
 
 CSV is read with pyarrow.csv.open_csv (a block at a time; quoted newlines allowed; a row with the
 wrong number of fields is skipped and listed), parquet with ParquetFile.iter_batches (a batch at a
-time, only the mapped columns; a row group that cannot be decoded is skipped and counted). Every
+time, only the mapped columns; a row group that cannot be decoded is skipped and counted), a
+Hugging Face dataset (`hf:owner/name[:config][:split]`) with datasets' streaming mode. Every
 mapped CSV column is read as text, so a column of numbers never changes type between blocks.
 `table_rows` turns a chunk into rawdata.Rows with the type, null and empty checks done in bulk.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,6 +306,61 @@ def _parquet_chunks(path: Path, pf: Any, mapping: Mapping, chunk_rows: int) -> I
         start += n_group
     if pending:
         yield _table_chunk(path, mapping, batches, numbers, pending, [], start - 1)
+
+
+# ----------------------------------------------------------------------------- the hub
+
+def _hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """'hf:owner/name[:config][:split]' -> (dataset id, config or None, split, 'train' by default)."""
+    parts = spec[3:].split(":")
+    if len(parts) > 3 or not all(parts):
+        raise UserError(f"data.raw_path '{spec}': write hf:<owner/name>, hf:<owner/name>:<split> or "
+                        "hf:<owner/name>:<config>:<split>")
+    return parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
+
+
+def hub_input(data: DataConfig) -> Input:
+    """Stream a Hugging Face dataset; its first row tells the columns before any chunk is read."""
+    spec = data.raw_path
+    ds_id, config, split = _hub_spec(spec)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    hint = ("HF_HUB_OFFLINE is set: unset it, or use a local file" if offline
+            else "check the id and your connection, or download the data and set data.raw_path to the file")
+
+    def fail(e: BaseException) -> UserError:
+        return UserError(f"data.raw_path '{spec}': could not stream the Hugging Face dataset '{ds_id}' "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}")
+
+    try:
+        from datasets import load_dataset
+
+        it = iter(load_dataset(ds_id, name=config, split=split, streaming=True))
+        first = next(it, None)
+    except Exception as e:  # offline, unknown id or split, gated
+        raise fail(e) from None
+    mapping = resolve_mapping(data, list(first) if isinstance(first, dict) else None, spec)
+    described = f"Hugging Face dataset {ds_id}" + (f" ({config})" if config else "") + f", split {split}"
+    chunks = _hub_chunks(spec, first, it, data.chunk_rows, mapping, fail)
+    return Input(chunks, mapping, "hub", described, None, None, " rows")
+
+
+def _hub_chunks(spec: str, first: Any, it: Iterator[Any], chunk_rows: int, mapping: Mapping,
+                fail: Any) -> Iterator[Chunk]:
+    if first is None:
+        return
+    objects: list[tuple[int, str, Any]] = [(1, "row1", first)]
+    i = 1
+    try:
+        for i, row in enumerate(it, 2):
+            if len(objects) == chunk_rows:
+                yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i - 1)
+                objects = []
+            objects.append((i, f"row{i}", row))
+    except UserError:
+        raise
+    except Exception as e:  # the network dropped mid-stream
+        raise fail(e) from None
+    yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i)
 
 
 # ----------------------------------------------------------------------------- rows of a chunk
