@@ -3,7 +3,7 @@
     cfg = load_config("configs/demo.yaml", ["train.learning_rate=1e-4", "data.sample_size=200"])
 
 Each field has a default and a one-line docstring (the string right under it), which is what
-`prodtune config --help-fields` prints. Unknown keys are an error that lists all of them.
+`prodtune config --fields` prints. Unknown keys are an error that lists all of them.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks a GPU when there is one."""
     speed: Literal["auto", "plain", "fast", "small"] = "auto"
-    """GPU path: plain TRL, fast (packed, compiled, ~23k tok/s Phi-3 on H200), small (<=14 GiB); auto picks by card memory.
+    """GPU path: plain TRL, fast (packed, compiled, ~23k tok/s Phi-3 on H200), small (cards under 40 GiB, ~5.4 GiB for Phi-3-mini); auto picks by card memory.
     fast/small replace batch_size and grad_accum by token batches (train.step_tokens per optimizer step)."""
     step_tokens: int = 16384
     """Tokens per optimizer step on the fast/small paths, shared by every GPU: the optimisation does not
@@ -262,7 +262,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         candidates = [a for a in args if a is not type(None)]
         # 'a,b' on the command line means a list where the field also accepts one.
         if isinstance(value, str) and "," in value:
@@ -270,8 +269,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in candidates:
             try:
                 return _coerce(value, arg, key)
-            except UserError as e:
-                errors.append(str(e))
+            except UserError:
+                continue
         raise UserError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value in args:
@@ -353,19 +352,26 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b] = value for key 'a.b', creating sections as needed (paths become strings)."""
+    *parents, last = key.strip().split(".")
+    if not last or not all(parents):
+        raise UserError(f"config key {key!r} is not a dotted key such as train.learning_rate")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"config key '{key}': '{part}' is not a config section")
+    node[last] = str(value) if isinstance(value, Path) else value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted key=value overrides to a nested dict (values typed as YAML)."""
     for item in overrides:
-        if "=" not in item:
+        key, eq, text = item.partition("=")
+        if not eq or not all(key.strip().split(".")):
             raise UserError(f"override '{item}' is not key=value (e.g. train.learning_rate=1e-4)")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override '{item}': '{part}' is not a config section")
-        node[parts[-1]] = _parse_scalar(text)
+        set_dotted(raw, key, _parse_scalar(text))
     return raw
 
 
@@ -380,23 +386,30 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when path is None) and apply key=value overrides."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file '{p}' not found (see configs/ for examples)")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file '{p}': not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file '{p}': the top level must be a mapping of sections")
-        source = str(p)
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a nested dict (a missing file, bad YAML or a non-mapping is one UserError)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' not found (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{p}': not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file '{p}': the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None), then apply key=value overrides
+    (command-line strings, typed as YAML) and `values` ({dotted key: Python value}, e.g. a
+    notebook's parameters cell)."""
+    raw = read_yaml(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
-    return config_from_dict(raw, source)
+    for key, value in (values or {}).items():
+        set_dotted(raw, key, value)
+    return config_from_dict(raw, str(path) if path is not None else "defaults")
 
 
 def validate(cfg: Config) -> None:

@@ -12,7 +12,6 @@ before is checked up front, with a message naming the notebook to run first.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from prodtune.config import Config, config_from_dict, to_dict
+from prodtune.config import Config, load_config, to_dict
 from prodtune.errors import UserError
 from prodtune.io import RunPaths
 
@@ -120,35 +117,24 @@ def _show_user_errors_briefly() -> None:
 
 # ----------------------------------------------------------------------------- config
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"notebook parameter '{key}': '{part}' is not a config section")
-    node[last] = str(value) if isinstance(value, Path) else value
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 1}} -> {'train.epochs': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def _get_dotted(raw: dict[str, Any], key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _with_params(raw: dict[str, Any], params: dict[str, Any], source: str) -> Config:
-    """Apply {dotted.key: value} on top of a raw config dict, build it, and say what changed."""
-    before = to_dict(config_from_dict(copy.deepcopy(raw), source))
-    for key, value in params.items():
-        _set_dotted(raw, key, value)
-    cfg = config_from_dict(raw, source)
-    after = to_dict(cfg)
-    changed = [f"{k}: {_get_dotted(before, k)!r} -> {_get_dotted(after, k)!r}"
-               for k in params if _get_dotted(before, k) != _get_dotted(after, k)]
-    print(f"config: {source}" + (" with the parameters above" if params else ""))
+def _with_params(path: Path, params: dict[str, Any]) -> Config:
+    """The config file with {dotted.key: value} on top; says what the parameters changed."""
+    before = _flat(to_dict(load_config(path)))
+    cfg = load_config(path, values=params)
+    after = _flat(to_dict(cfg))
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in params if before.get(k) != after.get(k)]
+    print(f"config: {path}" + (" with the parameters above" if params else ""))
     if changed:
         print("  changed by this notebook: " + "; ".join(changed))
     print(f"  run folder: {cfg.run_dir}")
@@ -164,10 +150,7 @@ def config_from_file(path: str | Path, params: dict[str, Any] | None = None) -> 
     if not p.is_file():
         raise UserError(f"config file '{p}' not found (working in {Path.cwd()}); "
                         "set CONFIG to a file in configs/, e.g. configs/demo.yaml")
-    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"config file '{p}': the top level must be a mapping of sections")
-    return _with_params(raw, dict(params or {}), str(p))
+    return _with_params(p, dict(params or {}))
 
 
 def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None,
@@ -180,9 +163,7 @@ def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None
         raise UserError(f"no run in '{run.root}' (config.yaml missing): run {notebook} first with "
                         f"OUTPUT_DIR = '{run.root}' (or '{command} --config ...'), or fix OUTPUT_DIR")
     require(run.root, needs)
-    raw = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-    params = {"output_dir": str(output_dir), **(params or {})}
-    return _with_params(raw, params, str(run.config))
+    return _with_params(run.config, {"output_dir": str(output_dir), **(params or {})})
 
 
 def require(run_dir: str | Path, stage: Literal["clean", "format", "train"]) -> None:
