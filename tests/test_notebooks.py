@@ -163,3 +163,11 @@ def test_the_three_notebooks_run_top_to_bottom(tmp_path):
     assert "question (user)" in shown["transforma-em-json.ipynb"]
     assert "rouge_l" in shown["treino-e-teste.ipynb"] and "tuned − base" in shown["treino-e-teste.ipynb"]
     assert images["treino-e-teste.ipynb"] >= 2  # the loss curve and the metric chart
+    # The notebooks record their stages as the CLI does: `prodtune run` afterwards redoes nothing.
+    from prodtune.config import load_config
+    from prodtune.pipeline import plan_stage
+    from prodtune.stages import STAGES, stage_hashes
+
+    hashes = stage_hashes(load_config(run.config))
+    for stage in STAGES:
+        assert plan_stage(stage, run, hashes[stage.name], False, False)[0] == "skip", stage.name

@@ -15,30 +15,22 @@ User errors print one line and exit 1; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
+from prodtune import stages
+from prodtune.config import describe_fields, load_config, to_dict
+from prodtune.distributed import launched_processes
 from prodtune.errors import UserError
+from prodtune.generate import ask
 from prodtune.io import COMPARE_SPLITS
+from prodtune.pipeline import run_pipeline
+from prodtune.train import merge_stage
 
-# stage name -> (module, function, one-line help). Imported lazily so --help stays instant.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "clean": ("prodtune.clean", "clean_stage",
-              "Stage 1: clean the raw trn.json into clean/clean.parquet and clean_report.json."),
-    "format": ("prodtune.prompts", "format_stage",
-               "Stage 2: turn clean rows into prompt-completion JSONL splits under format/."),
-    "train": ("prodtune.train", "train_stage",
-              "Stage 3: LoRA/QLoRA fine-tuning with TRL's SFTTrainer; writes train/adapter."),
-    "merge": ("prodtune.train", "merge_stage",
-              "Merge the trained adapter into the base model (safetensors) under train/merged."),
-    "compare": ("prodtune.evaluate", "compare_stage",
-                "Stage 4: base vs tuned answers on the held-out test split, metrics and a report."),
-    "run": ("prodtune.pipeline", "run_pipeline",
-            "Every stage in order; a stage already finished with the same config is skipped."),
+# Commands beside the stages of prodtune.stages.STAGES, each taking --config and overrides.
+COMMANDS: dict[str, str] = {
+    "run": "Every stage in order; a stage already finished with the same config is skipped.",
+    "merge": "Merge the trained adapter into the base model (safetensors) under train/merged.",
 }
 
 
@@ -57,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, (_, _, help_text) in STAGES.items():
+    helps = {stage.name: stage.help for stage in stages.STAGES} | COMMANDS
+    for name, help_text in helps.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
         if name == "train":
@@ -82,10 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _call(module: str, func: str) -> Callable[..., Any]:
-    return getattr(importlib.import_module(module), func)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prodtune` console script; returns the exit code."""
     parser = build_parser()
@@ -105,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from prodtune.config import describe_fields, load_config, to_dict
-
     if args.command == "ask":
-        answer = _call("prodtune.generate", "ask")(args.question, run_dir=args.run, base=args.base,
-                                                   max_new_tokens=args.max_new_tokens)
-        print(answer)
+        print(ask(args.question, run_dir=args.run, base=args.base, max_new_tokens=args.max_new_tokens))
         return 0
     if args.command == "config" and args.fields:
         print(describe_fields())
@@ -121,29 +106,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
-    module, func, _ = STAGES[args.command]
-    kwargs: dict[str, Any] = {}
-    if args.command == "train":
-        kwargs["resume"] = args.resume
-    if args.command == "run":
-        kwargs["force"] = args.force
-    if args.command == "compare" and args.split != "test":
-        kwargs["split"] = args.split
-    from prodtune.distributed import launched_processes
-
     launched = launched_processes()
     if launched > 1 and args.command != "train":
         raise UserError(f"'prodtune {args.command}' runs in one process; under accelerate launch "
                         f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
-    started = time.time()
-    result = _call(module, func)(cfg, **kwargs)
-    if args.command in ("clean", "format", "train", "compare") and not kwargs.get("split"):
-        # So that a later `prodtune run` knows this stage is finished with this config.
-        from prodtune.distributed import is_main_process
-        from prodtune.pipeline import mark_finished
-
-        if is_main_process():
-            mark_finished(cfg, args.command, round(time.time() - started, 1))
+    if args.command == "run":
+        result = run_pipeline(cfg, force=args.force)
+    elif args.command == "merge":
+        result = merge_stage(cfg)
+    else:
+        kwargs: dict[str, Any] = {}
+        if args.command == "train":
+            kwargs["resume"] = args.resume
+        if args.command == "compare" and args.split != "test":
+            kwargs["split"] = args.split
+        result = stages.run_stage(cfg, args.command, **kwargs)
     if isinstance(result, dict) and result.get("summary"):
         print(result["summary"])
     return 0

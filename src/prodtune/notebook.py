@@ -3,6 +3,7 @@
     ENV = setup(use_drive=False)                           # Colab or local: folders, error display
     cfg = config_from_file("configs/demo.yaml", {"data.min_content_chars": 20, ...})   # tratar-dados
     cfg = config_from_run(OUTPUT_DIR, {"lora.r": 16, ...}, needs="format")           # the next two
+    report = run_stage(cfg, "train")                       # each step, recorded as the CLI records it
 
 The notebooks hand off through the run folder exactly as the CLI stages do: the first builds its
 config from a config file, the later ones from the run folder's config.yaml (written by every
@@ -23,24 +24,11 @@ from typing import Any, Literal
 from prodtune.config import Config, load_config, to_dict
 from prodtune.errors import UserError
 from prodtune.io import RunPaths
+# The notebooks run each stage with run_stage, as the CLI does, so that it is recorded as done.
+from prodtune.stages import get_stage, run_stage  # noqa: F401
 
 COLAB_REPO = Path("/content/prodtune")  # where the notebooks' first cell clones the repository in Colab
 DRIVE_MOUNT = Path("/content/drive")
-
-# Which notebook (and CLI command) makes each stage's outputs.
-MADE_BY: dict[str, tuple[str, str]] = {
-    "clean": ("tratar-dados.ipynb", "prodtune clean"),
-    "format": ("transforma-em-json.ipynb", "prodtune format"),
-    "train": ("treino-e-teste.ipynb (its training step)", "prodtune train"),
-}
-
-
-def stage_outputs(run: RunPaths, stage: Literal["clean", "format", "train"]) -> list[Path]:
-    """The files a stage leaves in the run folder for the next one."""
-    return {"clean": [run.clean_parquet, run.clean_report],
-            "format": [run.split(s) for s in ("train", "validation", "test")] + [run.format_report],
-            "train": [run.adapter / "adapter_config.json", run.train_report]}[stage]
-
 
 # ----------------------------------------------------------------------------- environment
 
@@ -159,9 +147,9 @@ def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None
     with this notebook's parameters on top; checks that the previous stage's outputs exist."""
     run = RunPaths(output_dir)
     if not run.config.is_file():
-        notebook, command = MADE_BY["clean"]
-        raise UserError(f"no run in '{run.root}' (config.yaml missing): run {notebook} first with "
-                        f"OUTPUT_DIR = '{run.root}' (or '{command} --config ...'), or fix OUTPUT_DIR")
+        first = get_stage("clean")
+        raise UserError(f"no run in '{run.root}' (config.yaml missing): run {first.notebook} first with "
+                        f"OUTPUT_DIR = '{run.root}' (or '{first.command} --config ...'), or fix OUTPUT_DIR")
     require(run.root, needs)
     return _with_params(run.config, {"output_dir": str(output_dir), **(params or {})})
 
@@ -169,11 +157,11 @@ def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None
 def require(run_dir: str | Path, stage: Literal["clean", "format", "train"]) -> None:
     """Raise a UserError naming the notebook to run first when a stage's outputs are missing."""
     run = RunPaths(run_dir)
-    missing = [str(p) for p in stage_outputs(run, stage) if not p.exists()]
+    step = get_stage(stage)
+    missing = [str(p) for p in step.outputs(run) if not p.exists()]
     if missing:
-        notebook, command = MADE_BY[stage]
         raise UserError(f"the {stage} stage's outputs are missing in '{run.root}' ({', '.join(missing)}): "
-                        f"run {notebook} first (or '{command}'), with the same OUTPUT_DIR")
+                        f"run {step.notebook} first (or '{step.command}'), with the same OUTPUT_DIR")
 
 
 # ----------------------------------------------------------------------------- display
