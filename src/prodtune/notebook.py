@@ -351,10 +351,9 @@ def ask_both(question: str, run_dir: str | Path, max_new_tokens: int | None = No
     """One question to the base and the tuned model of a run, answers side by side."""
     import pandas as pd
 
-    from prodtune.generate import ask
+    from prodtune import generate
 
     require(run_dir, "train")
-    answers = {which: ask(question, run_dir, base=(which == "base"), max_new_tokens=max_new_tokens)
-               for which in ("base", "tuned")}
+    answers = generate.ask_both(question, run_dir, max_new_tokens=max_new_tokens)
     return pd.DataFrame([answers], index=[question]).style.set_properties(
         **{"text-align": "left", "white-space": "pre-wrap", "vertical-align": "top"})

@@ -415,8 +415,7 @@ def merge_stage(cfg: Config) -> dict[str, Any]:
     started = time.time()
     paths = RunPaths(cfg.run_dir)
     save_config(cfg, paths.config)
-    if not (paths.adapter / "adapter_config.json").is_file():
-        raise UserError(f"no trained adapter in '{paths.adapter}': run 'prodtune train' first")
+    models.require_adapter(paths.adapter)
     device = models.pick_device(cfg.train.device)
     out = models.merge_adapter(cfg.model, paths.adapter, paths.merged, device)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
