@@ -68,9 +68,9 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
             raise UserError("train.speed=fast keeps a full bf16 copy of the base on every GPU and cannot "
                             "run under FSDP; use train.speed=auto (small) or plain")
         train_cfg = replace(train_cfg, speed="small")
-    # GPU speed paths (issue 6): the card's memory picks fast or small unless train.speed says.
+    # GPU speed paths: the card's memory picks fast or small unless train.speed says.
     speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
-    # Data parallel (issue 7): N processes share one optimizer step, so the global batch, and with
+    # Data parallel: N processes share one optimizer step, so the global batch, and with
     # it the result, is the one-GPU run's (token batches: train.step_tokens per step on any count).
     processes = distributed.world_size()
     note = ""
@@ -175,7 +175,6 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
 
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
     args = sft_config(train_cfg, plan, output_dir, eval_ds is not None, eval_on_start)
-    # GPU speed (issue 6): the fast/small paths change the trainer, collator or model here.
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets),
