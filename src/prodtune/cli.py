@@ -9,7 +9,7 @@
     prodtune ask "Mog's Kittens" --run outputs/demo [--base]
     prodtune config  --config configs/demo.yaml        (print the resolved config)
 
-User errors print one line and exit 1; tracebacks are kept for bugs.
+Errors print one line and exit 1 (with --debug, the full traceback); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prodtune.config import describe_fields, load_config, to_dict
 from prodtune.distributed import launched_processes
 from prodtune.errors import UserError
 from prodtune.generate import ask
-from prodtune.io import COMPARE_SPLITS
+from prodtune.io import COMPARE_SPLITS, run_lock
 from prodtune.pipeline import run_pipeline
 from prodtune.train import merge_stage
 
@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'prodtune config --fields' to list every config key with its default and meaning.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     helps = {stage.name: stage.help for stage in stages.STAGES} | COMMANDS
     for name, help_text in helps.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         _add_config_args(p)
         if name == "train":
             p.add_argument("--resume", action="store_true",
@@ -63,13 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="validation: compare on format/validation.jsonl into compare-validation/, "
                                 "to choose eval settings without looking at the test split")
     p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",
-                       description="One answer from the tuned (or base) model of a finished run.")
+                       description="One answer from the tuned (or base) model of a finished run.",
+                       parents=[common])
     p.add_argument("question", help="a question, or just a product title")
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
     p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override eval.max_new_tokens")
     p = sub.add_parser("config", help="Print the resolved config (YAML), or every key with --fields.",
-                       description="Print the resolved config (YAML), or every key with --fields.")
+                       description="Print the resolved config (YAML), or every key with --fields.",
+                       parents=[common])
     _add_config_args(p)
     p.add_argument("--fields", action="store_true", help="list every key, its default and meaning")
     return parser
@@ -84,13 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _dispatch(args)
-    except UserError as e:
-        print(f"prodtune {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"prodtune {args.command}: interrupted; finished outputs are kept "
               "(train: rerun with --resume)", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"prodtune {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: Exception) -> str:
+    """A user error as it is; an OS or library error as one line naming the path and the fix."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f" '{e.filename}'" if e.filename else ""
+        return (f"{e.strerror}{where}; check the path and its permissions, or the disk's free space "
+                "(--debug shows the traceback)")
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"{type(e).__name__}: {first} (unexpected: rerun with --debug for the traceback, "
+            "and report it if the settings look right)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -113,7 +132,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         result = run_pipeline(cfg, force=args.force)
     elif args.command == "merge":
-        result = merge_stage(cfg)
+        with run_lock(cfg.run_dir, "prodtune merge"):
+            result = merge_stage(cfg)
     else:
         kwargs: dict[str, Any] = {}
         if args.command == "train":

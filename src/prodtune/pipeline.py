@@ -14,7 +14,7 @@ from typing import Any
 from prodtune import stages
 from prodtune.config import Config, save_config
 from prodtune.evaluate import headline
-from prodtune.io import RunPaths, read_json
+from prodtune.io import RunPaths, read_json, run_lock
 
 DOING = {"skip": "skipped", "run": "running", "resume": "resuming"}
 DONE = {"skip": "skipped", "run": "ran", "resume": "resumed"}
@@ -48,7 +48,11 @@ def plan_stage(stage: stages.Stage, paths: RunPaths, digest: str, upstream_ran: 
 def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Every stage in order; a finished stage with unchanged config is skipped."""
     paths = RunPaths(cfg.run_dir)
-    save_config(cfg, paths.config)
+    with run_lock(paths.root, "prodtune run"):
+        return _run_stages(cfg, paths, force)
+
+
+def _run_stages(cfg: Config, paths: RunPaths, force: bool) -> dict[str, Any]:
     hashes = stages.stage_hashes(cfg)
     status: dict[str, str] = {}
     reports: dict[str, Any] = {}
@@ -64,6 +68,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
         reports[stage.name] = report
         if stage.name != "compare" and isinstance(report, dict) and report.get("summary"):
             print(report["summary"], flush=True)  # compare's headline closes the run's summary
+    save_config(cfg, paths.config)  # also when every stage was skipped
     lines = ["run: " + ", ".join(f"{name} {s}" for name, s in status.items()) + f"  ({paths.root})"]
     if status["compare"] == "skipped" and paths.metrics_json.is_file():
         lines.append(headline(read_json(paths.metrics_json), paths))  # the numbers, even when nothing ran

@@ -25,10 +25,10 @@ from typing import Any
 
 from prodtune import distributed
 from prodtune.clean import clean_stage
-from prodtune.config import Config, section_hash
+from prodtune.config import Config, save_config, section_hash
 from prodtune.errors import UserError
 from prodtune.evaluate import compare_stage
-from prodtune.io import RunPaths, read_json, write_json
+from prodtune.io import RunPaths, atomic_path, read_json, run_lock, write_json
 from prodtune.prompts import SPLITS, format_stage
 from prodtune.train import train_stage
 
@@ -149,21 +149,40 @@ def _now() -> str:
 
 
 def run_stage(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
-    """Run stage `name` with this config and record it in its .stage.json (rank 0 only).
+    """Run stage `name` with this config, holding the run folder's lock, and record it.
 
-    An interrupted stage leaves a record that started but never finished; for train, with the
-    same config and a checkpoint, `prodtune run` continues from the checkpoint.
+    On success the stage's .stage.json records it finished with this config, and the run's
+    config.yaml becomes this config (a run into another folder, such as compare --split
+    validation, keeps its settings there instead). A stage that fails leaves the record as it was;
+    one that is interrupted (Ctrl-C, or killed) leaves a record that started but never finished,
+    from which `prodtune run` continues an interrupted training.
     """
     stage = get_stage(name)
     paths = RunPaths(cfg.run_dir)
-    record = record_path(stage, paths, **kwargs)
-    digest = stage_hashes(cfg)[name]
-    main = distributed.is_main_process()
-    started, clock = _now(), time.time()
-    if main:
+    if not distributed.is_main_process():  # rank 0 writes; the others train alongside it
+        return stage.function(cfg, **kwargs)
+    with run_lock(paths.root, f"prodtune {name}"):
+        record = record_path(stage, paths, **kwargs)
+        before = record.read_bytes() if record.is_file() else None
+        digest = stage_hashes(cfg)[name]
+        started, clock = _now(), time.time()
         write_json(record, {"stage": name, "hash": digest, "started": started, "finished": None})
-    report = stage.function(cfg, **kwargs)
-    if main:
+        try:
+            report = stage.function(cfg, **kwargs)
+        except Exception:
+            _restore(record, before)
+            raise
         write_json(record, {"stage": name, "hash": digest, "started": started, "finished": _now(),
                             "seconds": round(time.time() - clock, 1)})
+        if stage.folder(paths, **kwargs) == stage.folder(paths):
+            save_config(cfg, paths.config)
     return report
+
+
+def _restore(record: Path, before: bytes | None) -> None:
+    """Put a stage record back as it was before a failed run."""
+    if before is None:
+        record.unlink(missing_ok=True)
+    else:
+        with atomic_path(record) as tmp:
+            tmp.write_bytes(before)
