@@ -124,13 +124,15 @@ def test_force_redoes_everything(cfg, fakes):
     assert fakes.names() == ALL and set(result["stages"].values()) == {"ran"}
 
 
-def test_interrupted_training_resumes(cfg, fakes):
+def test_interrupted_training_resumes(cfg, fakes, capsys):
     fakes.fail_in = "train"
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg)
     assert fakes.names() == ["clean", "format", "train"]
     fakes.fail_in = None
+    capsys.readouterr()
     result = pipeline.run_pipeline(cfg)
+    assert "train    resuming (interrupted" in capsys.readouterr().out
     assert fakes.calls == [("train", True), ("compare", False)]
     assert result["stages"] == {"clean": "skipped", "format": "skipped", "train": "resumed", "compare": "ran"}
 
@@ -144,6 +146,23 @@ def test_interrupted_training_with_changed_config_starts_over(cfg, fakes):
     cfg.train.learning_rate = 1e-3
     pipeline.run_pipeline(cfg)
     assert fakes.calls == [("train", False), ("compare", False)]
+
+
+def test_a_stage_that_fails_keeps_its_previous_record(cfg, fakes, monkeypatch):
+    """A failure (not an interruption) puts the stage's record back: nothing to resume, and a
+    `prodtune run` with the old config still finds the old result finished."""
+    pipeline.run_pipeline(cfg)
+    marker = RunPaths(cfg.run_dir).train / ".stage.json"
+    before = marker.read_bytes()
+
+    def fail(cfg, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(stages, "STAGES", tuple(dataclasses.replace(s, function=fail) for s in stages.STAGES))
+    cfg.train.learning_rate = 1e-3
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(cfg)
+    assert marker.read_bytes() == before
 
 
 def test_interrupted_compare_reruns_only_compare(cfg, fakes):
