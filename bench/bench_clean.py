@@ -15,7 +15,7 @@ too): RSS summed over the processes (an upper bound: pages shared after fork cou
 PSS (shared pages split between the processes that share them). "seconds" is the cleaning
 time inside the child, "CPU s" the CPU time of its process tree: on a shared, busy machine the
 second tells more about the code than the first. Prints a table and writes
-bench/results/clean-<host>[-<format>].json (or --out). The target (issue 2): 1.3M rows in <= 60 s, peak <= 1.5 GiB,
+bench/results/clean-<host>[-<format>].json (or --out). The target: 1.3M rows in <= 60 s, peak <= 1.5 GiB,
 >= 5x the pandas rows/s, on a 2-core machine.
 """
 

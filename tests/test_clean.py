@@ -333,8 +333,10 @@ def test_hub_dataset_rows_are_cleaned(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the stage
 
 def test_stage_writes_parquet_csv_and_report(tmp_path):
+    from prodtune.stages import run_stage
+
     cfg = load_config(None, [f"output_dir={tmp_path}", f"data.raw_path={DIRTY}", "data.write_csv=true"])
-    report = clean_stage(cfg)
+    report = run_stage(cfg, "clean")
     paths = RunPaths(tmp_path)
     assert read_json(paths.clean_report)["rows_kept"] == report["rows_kept"] == 11
     assert pq.read_table(paths.clean_parquet).column_names == ["uid", "title", "content"]
@@ -359,7 +361,7 @@ def test_a_failure_mid_write_leaves_no_half_file(tmp_path, monkeypatch):
         clean_stage(cfg)
     paths = RunPaths(tmp_path)
     assert not paths.clean.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary folder left
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary folder, no config written
 
 
 def test_a_failed_rerun_keeps_the_previous_output(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prodtune.cli import STAGES, main
+from prodtune.cli import COMMANDS, main
+from prodtune.stages import STAGES
 from prodtune.io import RunPaths, read_json, read_jsonl
 from prodtune.prompts import SPLITS
 
@@ -28,11 +29,11 @@ def test_help_exits_zero(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in [*STAGES, "ask", "config"]:
+    for command in [*(s.name for s in STAGES), *COMMANDS, "ask", "config"]:
         assert command in out
 
 
-@pytest.mark.parametrize("command", [*STAGES, "ask", "config"])
+@pytest.mark.parametrize("command", [*(s.name for s in STAGES), *COMMANDS, "ask", "config"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -104,14 +105,13 @@ def test_format_before_clean_says_run_clean(tmp_path, capsys):
 def test_stage_run_alone_is_recorded_for_prodtune_run(tmp_path, sample_raw, capsys):
     """`prodtune clean` on its own marks the stage finished, so `prodtune run` would skip it."""
     from prodtune.config import load_config
-    from prodtune.pipeline import STAGES, plan_stage, stage_hashes
-    from prodtune.io import RunPaths
+    from prodtune.pipeline import plan_stage
+    from prodtune.stages import get_stage, stage_hashes
 
     overrides = [f"output_dir={tmp_path}", f"data.raw_path={sample_raw}"]
     assert main(["clean", *overrides]) == 0
     cfg = load_config(None, overrides)
-    stage = next(s for s in STAGES if s.name == "clean")
-    action, _ = plan_stage(stage, RunPaths(tmp_path), stage_hashes(cfg)["clean"], False, False)
+    action, _ = plan_stage(get_stage("clean"), RunPaths(tmp_path), stage_hashes(cfg)["clean"], False, False)
     assert action == "skip"
 
 

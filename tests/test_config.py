@@ -190,3 +190,27 @@ def test_every_field_documented():
             assert line is not None, f"{section}.{key} missing from describe_fields"
             doc = text.splitlines()[text.splitlines().index(line) + 1].strip()
             assert doc, f"{section}.{key} has no docstring"
+
+
+def test_values_dict_entry_point_for_notebooks(tmp_path):
+    """The notebooks' parameters cell goes through the same loader as the CLI: typed values on top."""
+    from prodtune.config import load_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = load_config(demo, ["lora.r=8"], values={"lora.r": 4, "output_dir": tmp_path / "run",
+                                                  "data.sample_size": None, "eval.max_samples": 3})
+    assert cfg.lora.r == 4 and cfg.output_dir == str(tmp_path / "run") and cfg.eval.max_samples == 3
+    assert cfg.data.sample_size is None and cfg.run_name == "demo"
+    with pytest.raises(UserError, match="lora.nope"):
+        load_config(demo, values={"lora.nope": 1})
+    with pytest.raises(UserError, match="'run_name' is not a config section"):
+        load_config(demo, values={"run_name.x": 1})
+
+
+@pytest.mark.parametrize("override", ["=5", "train.=5", "nothing"])
+def test_malformed_override_names_itself(override):
+    from prodtune.config import load_config
+
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert override in str(err.value) and "unknown config keys" not in str(err.value)

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 7) on the CPU: two torchrun processes (gloo) train the tiny Phi-3
+"""Data-parallel training on the CPU: two torchrun processes (gloo) train the tiny Phi-3
 and must end where one process ends at the same global batch; only rank 0 writes; --resume works.
 
 Why the two runs can agree to float noise: the config is the same (batch 2 x accumulation 2),

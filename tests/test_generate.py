@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from prodtune.config import EvalConfig
-from prodtune.generate import (adapter_off, ask, generate, generate_answers, load_model,
+from prodtune.generate import (adapter_off, ask, ask_both, generate, load_model,
                                stop_token_ids, trim_at_stop)
 from prodtune.io import RunPaths
 from tiny_run import make_run, product_rows
@@ -91,10 +91,10 @@ def test_adapter_off_gives_base_model_answers(peft_model, tiny_run):
     model, tok = peft_model
     cfg = EvalConfig(max_new_tokens=8, batch_size=4)
     with adapter_off(model):
-        base = generate_answers(model, tok, prompts(4), cfg)
-    tuned = generate_answers(model, tok, prompts(4), cfg)
+        base = generate(model, tok, prompts(4), cfg).answers
+    tuned = generate(model, tok, prompts(4), cfg).answers
     plain, _ = load_model(tiny_run.model, None)
-    assert generate_answers(plain, tok, prompts(4), cfg) == base
+    assert generate(plain, tok, prompts(4), cfg).answers == base
     assert tuned != base
 
 
@@ -120,7 +120,7 @@ def test_stopped_flags_and_token_counts(peft_model):
 def test_sampling_is_seeded(peft_model):
     model, tok = peft_model
     cfg = EvalConfig(max_new_tokens=8, batch_size=4, do_sample=True, temperature=1.5, seed=7)
-    assert generate_answers(model, tok, prompts(4), cfg) == generate_answers(model, tok, prompts(4), cfg)
+    assert generate(model, tok, prompts(4), cfg).answers == generate(model, tok, prompts(4), cfg).answers
 
 
 def test_ask_uses_the_run_config(tiny_run):
@@ -145,3 +145,32 @@ def test_ask_through_the_cli(tiny_run, capsys):
     assert main(["ask", "Mog's Kittens", "--run", str(tiny_run.run_dir), "--max-new-tokens", "4"]) == 0
     capsys.readouterr()
     assert main(["ask", "Mog's Kittens", "--run", str(tiny_run.run_dir / "nope")]) == 1
+
+
+def test_ask_both_loads_once_and_matches_ask(tiny_run, monkeypatch):
+    """Base and tuned from one loaded model (adapter off, then on) give what two asks give."""
+    from prodtune import generate as gen
+
+    expected = {"base": ask("Mog's Kittens", tiny_run.run_dir, base=True, max_new_tokens=6),
+                "tuned": ask("Mog's Kittens", tiny_run.run_dir, max_new_tokens=6)}
+    loads = []
+    real = gen.load_model
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    assert ask_both("Mog's Kittens", tiny_run.run_dir, max_new_tokens=6) == expected
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("question", ["", "   \n"])
+def test_ask_refuses_an_empty_question(tiny_run, question):
+    from prodtune.errors import UserError
+
+    with pytest.raises(UserError, match="empty"):
+        ask(question, tiny_run.run_dir)
+
+
+def test_ask_refuses_a_question_past_the_context(tiny_run):
+    """The tiny model's context is 512 positions: a long question is refused, saying so."""
+    from prodtune.errors import UserError
+
+    with pytest.raises(UserError, match="context of 512 tokens: refused"):
+        ask("blue " * 2000, tiny_run.run_dir, max_new_tokens=4)

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from prodtune import pipeline
+import dataclasses
+
+from prodtune import pipeline, stages
 from prodtune.config import Config
 from prodtune.io import RunPaths
 
@@ -18,7 +20,8 @@ class FakeStages:
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str, bool]] = []
         self.fail_in: str | None = None
-        monkeypatch.setattr(pipeline, "stage_function", self._function)
+        fakes = tuple(dataclasses.replace(s, function=self._function(s)) for s in stages.STAGES)
+        monkeypatch.setattr(stages, "STAGES", fakes)
 
     def _function(self, stage):
         def fake(cfg, resume=False):
@@ -74,7 +77,7 @@ def test_second_run_skips_everything(cfg, fakes, capsys):
     assert set(second["stages"].values()) == {"skipped"}
     assert "ROUGE-L" in second["summary"]  # the headline numbers even when nothing ran
     marker = json.loads((RunPaths(cfg.run_dir).train / ".stage.json").read_text())
-    assert marker["finished"] and marker["hash"] == pipeline.stage_hashes(cfg)["train"]
+    assert marker["finished"] and marker["hash"] == stages.stage_hashes(cfg)["train"]
     assert "skipped" in capsys.readouterr().out
 
 
@@ -121,13 +124,15 @@ def test_force_redoes_everything(cfg, fakes):
     assert fakes.names() == ALL and set(result["stages"].values()) == {"ran"}
 
 
-def test_interrupted_training_resumes(cfg, fakes):
+def test_interrupted_training_resumes(cfg, fakes, capsys):
     fakes.fail_in = "train"
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(cfg)
     assert fakes.names() == ["clean", "format", "train"]
     fakes.fail_in = None
+    capsys.readouterr()
     result = pipeline.run_pipeline(cfg)
+    assert "train    resuming (interrupted" in capsys.readouterr().out
     assert fakes.calls == [("train", True), ("compare", False)]
     assert result["stages"] == {"clean": "skipped", "format": "skipped", "train": "resumed", "compare": "ran"}
 
@@ -143,6 +148,23 @@ def test_interrupted_training_with_changed_config_starts_over(cfg, fakes):
     assert fakes.calls == [("train", False), ("compare", False)]
 
 
+def test_a_stage_that_fails_keeps_its_previous_record(cfg, fakes, monkeypatch):
+    """A failure (not an interruption) puts the stage's record back: nothing to resume, and a
+    `prodtune run` with the old config still finds the old result finished."""
+    pipeline.run_pipeline(cfg)
+    marker = RunPaths(cfg.run_dir).train / ".stage.json"
+    before = marker.read_bytes()
+
+    def fail(cfg, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(stages, "STAGES", tuple(dataclasses.replace(s, function=fail) for s in stages.STAGES))
+    cfg.train.learning_rate = 1e-3
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(cfg)
+    assert marker.read_bytes() == before
+
+
 def test_interrupted_compare_reruns_only_compare(cfg, fakes):
     fakes.fail_in = "compare"
     with pytest.raises(KeyboardInterrupt):
@@ -156,27 +178,28 @@ def test_interrupted_compare_reruns_only_compare(cfg, fakes):
 def test_hashes_are_chained():
     a, b = Config(), Config()
     b.data.seed = 1  # a format setting
-    ha, hb = pipeline.stage_hashes(a), pipeline.stage_hashes(b)
+    ha, hb = stages.stage_hashes(a), stages.stage_hashes(b)
     assert ha["clean"] == hb["clean"]
     assert all(ha[s] != hb[s] for s in ("format", "train", "compare"))
 
 
-def test_every_stage_function_is_importable_by_name():
-    import importlib
+def test_every_stage_is_listed_once_and_reachable_from_the_cli():
+    from prodtune.cli import build_parser
 
-    for stage in pipeline.STAGES:
-        try:
-            module = importlib.import_module(stage.module)
-        except ModuleNotFoundError:
-            pytest.skip(f"{stage.module} not written yet")
-        assert callable(getattr(module, stage.function, None)), f"{stage.module}.{stage.function}"
+    names = [s.name for s in stages.STAGES]
+    assert names == ALL and len(set(names)) == len(names)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for stage in stages.STAGES:
+        assert callable(stage.function) and stage.name in commands
+        assert commands[stage.name].description == stage.help
 
 
 def test_a_stage_marked_finished_on_its_own_is_skipped(cfg, fakes):
     pipeline.run_pipeline(cfg)
     fakes.names()
-    cfg.eval.max_new_tokens = 32  # as if `prodtune compare` ran alone with a new setting...
-    pipeline.mark_finished(cfg, "compare")  # ...and the CLI recorded it
+    cfg.eval.max_new_tokens = 32  # as if `prodtune compare` (or a notebook) ran alone with a new setting
+    stages.run_stage(cfg, "compare")
+    assert fakes.names() == ["compare"]
     pipeline.run_pipeline(cfg)
     assert fakes.names() == []
 

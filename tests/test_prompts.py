@@ -251,8 +251,10 @@ def test_unloadable_tokenizer_is_recorded_not_fatal(tmp_path):
 
 
 def test_config_saved_into_run_folder(tmp_path):
+    from prodtune.stages import run_stage
+
     write_clean(tmp_path, n=20)
-    format_stage(cfg_for(tmp_path, "data.seed=11"))
+    run_stage(cfg_for(tmp_path, "data.seed=11"), "format")
     assert "seed: 11" in RunPaths(tmp_path).config.read_text()
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 from prodtune import rawdata
 from prodtune.chat import first_question, last_answer
 from prodtune.columns import Mapping
-from prodtune.config import Config, DataConfig, save_config, section_hash
+from prodtune.config import Config, DataConfig, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, atomic_dir, write_json
 from prodtune.rawdata import Chunk, excerpt, open_input, parse_chunk
@@ -299,8 +299,13 @@ def clean_schema(mapping: Mapping) -> pa.Schema:
 
 # ----------------------------------------------------------------------------- the stage
 
-def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterator[ChunkResult]:
-    """Clean chunks in order, in worker processes when workers > 1 (at most 3 chunks ahead each)."""
+def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int,
+             spill_dir: Path) -> Iterator[ChunkResult]:
+    """Clean chunks in order, in worker processes when workers > 1 (at most 3 chunks ahead each).
+
+    The workers' tables come back through files in a temporary folder under `spill_dir` (the
+    output folder), so that a killed run leaves nothing outside the run folder.
+    """
     if workers <= 1:
         for chunk in chunks:
             yield clean_chunk(chunk, data)
@@ -314,8 +319,10 @@ def _results(chunks: Iterator[Chunk], data: DataConfig, workers: int) -> Iterato
     context = multiprocessing.get_context(method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_in_worker)
-    with pool, tempfile.TemporaryDirectory(prefix="prodtune-clean-", ignore_cleanup_errors=True) as spill:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_in_worker,
+                                   initargs=(os.getpid(),))
+    with pool, tempfile.TemporaryDirectory(prefix=".spill.", suffix=".tmp", dir=spill_dir,
+                                           ignore_cleanup_errors=True) as spill:
         pending: deque = deque()
         try:
             for k, chunk in enumerate(chunks):
@@ -360,8 +367,24 @@ def _unspill(res: ChunkResult) -> ChunkResult:
     return res
 
 
-def _in_worker() -> None:
+def _in_worker(parent: int) -> None:
     rawdata.ARROW_THREADS = False
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (Linux), so that a killed clean
+    leaves no workers behind waiting forever for chunks."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers end when the queue they read closes
+        return
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(1)
 
 
 def _workers(data: DataConfig, size: int | None) -> int:
@@ -451,7 +474,7 @@ def clean_data(data: DataConfig, out_dir: str | Path, progress: bool = True) -> 
                               write_statistics=False)
     csv_writer = pacsv.CSVWriter(csv_path, _csv_schema(schema)) if data.write_csv else None
     try:
-        for res in _results(source.chunks, data, workers):
+        for res in _results(source.chunks, data, workers, out_dir):
             read += res.read
             dropped.update(res.dropped)
             changed.update(res.changed)
@@ -533,7 +556,6 @@ def _summary(report: dict[str, Any]) -> str:
 def clean_stage(cfg: Config) -> dict[str, Any]:
     """Stage 1: data.raw_path -> clean/clean.parquet (+ clean.csv) and clean/clean_report.json."""
     paths = RunPaths(cfg.run_dir)
-    save_config(cfg, paths.config)
     # The clean folder is built under a temporary name and swapped in whole: no half file, ever.
     with atomic_dir(paths.clean) as tmp:
         report = clean_data(cfg.data, tmp)

@@ -9,36 +9,28 @@
     prodtune ask "Mog's Kittens" --run outputs/demo [--base] [--context brand=Acme ...]
     prodtune config  --config configs/demo.yaml        (print the resolved config)
 
-User errors print one line and exit 1; tracebacks are kept for bugs.
+Errors print one line and exit 1 (with --debug, the full traceback); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
+from prodtune import stages
+from prodtune.config import describe_fields, load_config, to_dict
+from prodtune.distributed import launched_processes
 from prodtune.errors import UserError
-from prodtune.io import COMPARE_SPLITS
+from prodtune.generate import ask
+from prodtune.io import COMPARE_SPLITS, run_lock
+from prodtune.pipeline import run_pipeline
+from prodtune.train import merge_stage
 
-# stage name -> (module, function, one-line help). Imported lazily so --help stays instant.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "clean": ("prodtune.clean", "clean_stage",
-              "Stage 1: clean the raw trn.json into clean/clean.parquet and clean_report.json."),
-    "format": ("prodtune.prompts", "format_stage",
-               "Stage 2: turn clean rows into prompt-completion JSONL splits under format/."),
-    "train": ("prodtune.train", "train_stage",
-              "Stage 3: LoRA/QLoRA fine-tuning with TRL's SFTTrainer; writes train/adapter."),
-    "merge": ("prodtune.train", "merge_stage",
-              "Merge the trained adapter into the base model (safetensors) under train/merged."),
-    "compare": ("prodtune.evaluate", "compare_stage",
-                "Stage 4: base vs tuned answers on the held-out test split, metrics and a report."),
-    "run": ("prodtune.pipeline", "run_pipeline",
-            "Every stage in order; a stage already finished with the same config is skipped."),
+# Commands beside the stages of prodtune.stages.STAGES, each taking --config and overrides.
+COMMANDS: dict[str, str] = {
+    "run": "Every stage in order; a stage already finished with the same config is skipped.",
+    "merge": "Merge the trained adapter into the base model (safetensors) under train/merged.",
 }
 
 
@@ -56,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'prodtune config --fields' to list every config key with its default and meaning.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, (_, _, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    helps = {stage.name: stage.help for stage in stages.STAGES} | COMMANDS
+    for name, help_text in helps.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         _add_config_args(p)
         if name == "train":
             p.add_argument("--resume", action="store_true",
@@ -70,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="validation: compare on format/validation.jsonl into compare-validation/, "
                                 "to choose eval settings without looking at the test split")
     p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",
-                       description="One answer from the tuned (or base) model of a finished run.")
+                       description="One answer from the tuned (or base) model of a finished run.",
+                       parents=[common])
     p.add_argument("question", help="a question, or just a product title")
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
     p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
@@ -79,14 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a context field of the product, as in training (repeat it: --context brand=Acme "
                         "--context category=Toys)")
     p = sub.add_parser("config", help="Print the resolved config (YAML), or every key with --fields.",
-                       description="Print the resolved config (YAML), or every key with --fields.")
+                       description="Print the resolved config (YAML), or every key with --fields.",
+                       parents=[common])
     _add_config_args(p)
     p.add_argument("--fields", action="store_true", help="list every key, its default and meaning")
     return parser
-
-
-def _call(module: str, func: str) -> Callable[..., Any]:
-    return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +91,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _dispatch(args)
-    except UserError as e:
-        print(f"prodtune {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"prodtune {args.command}: interrupted; finished outputs are kept "
               "(train: rerun with --resume)", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"prodtune {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: Exception) -> str:
+    """A user error as it is; an OS or library error as one line naming the path and the fix."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f" '{e.filename}'" if e.filename else ""
+        return (f"{e.strerror}{where}; check the path and its permissions, or the disk's free space "
+                "(--debug shows the traceback)")
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"{type(e).__name__}: {first} (unexpected: rerun with --debug for the traceback, "
+            "and report it if the settings look right)")
 
 
 def _context_args(items: list[str]) -> dict[str, str]:
@@ -119,13 +127,9 @@ def _context_args(items: list[str]) -> dict[str, str]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from prodtune.config import describe_fields, load_config, to_dict
-
     if args.command == "ask":
-        answer = _call("prodtune.generate", "ask")(args.question, run_dir=args.run, base=args.base,
-                                                   max_new_tokens=args.max_new_tokens,
-                                                   context=_context_args(args.context))
-        print(answer)
+        print(ask(args.question, run_dir=args.run, base=args.base, max_new_tokens=args.max_new_tokens,
+                  context=_context_args(args.context)))
         return 0
     if args.command == "config" and args.fields:
         print(describe_fields())
@@ -136,29 +140,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
-    module, func, _ = STAGES[args.command]
-    kwargs: dict[str, Any] = {}
-    if args.command == "train":
-        kwargs["resume"] = args.resume
-    if args.command == "run":
-        kwargs["force"] = args.force
-    if args.command == "compare" and args.split != "test":
-        kwargs["split"] = args.split
-    from prodtune.distributed import launched_processes
-
     launched = launched_processes()
     if launched > 1 and args.command != "train":
         raise UserError(f"'prodtune {args.command}' runs in one process; under accelerate launch "
                         f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
-    started = time.time()
-    result = _call(module, func)(cfg, **kwargs)
-    if args.command in ("clean", "format", "train", "compare") and not kwargs.get("split"):
-        # So that a later `prodtune run` knows this stage is finished with this config.
-        from prodtune.distributed import is_main_process
-        from prodtune.pipeline import mark_finished
-
-        if is_main_process():
-            mark_finished(cfg, args.command, round(time.time() - started, 1))
+    if args.command == "run":
+        result = run_pipeline(cfg, force=args.force)
+    elif args.command == "merge":
+        with run_lock(cfg.run_dir, "prodtune merge"):
+            result = merge_stage(cfg)
+    else:
+        kwargs: dict[str, Any] = {}
+        if args.command == "train":
+            kwargs["resume"] = args.resume
+        if args.command == "compare" and args.split != "test":
+            kwargs["split"] = args.split
+        result = stages.run_stage(cfg, args.command, **kwargs)
     if isinstance(result, dict) and result.get("summary"):
         print(result["summary"])
     return 0

@@ -3,7 +3,7 @@
     cfg = load_config("configs/demo.yaml", ["train.learning_rate=1e-4", "data.sample_size=200"])
 
 Each field has a default and a one-line docstring (the string right under it), which is what
-`prodtune config --help-fields` prints. Unknown keys are an error that lists all of them.
+`prodtune config --fields` prints. Unknown keys are an error that lists all of them.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks a GPU when there is one."""
     speed: Literal["auto", "plain", "fast", "small"] = "auto"
-    """GPU path: plain TRL, fast (packed, compiled, ~23k tok/s Phi-3 on H200), small (<=14 GiB); auto picks by card memory.
+    """GPU path: plain TRL, fast (packed, compiled, ~23k tok/s Phi-3 on H200), small (cards under 40 GiB, ~5.4 GiB for Phi-3-mini); auto picks by card memory.
     fast/small replace batch_size and grad_accum by token batches (train.step_tokens per optimizer step)."""
     report_to: str | list[str] = "tensorboard"
     """Where training curves go besides train/log.jsonl: tensorboard (train/tensorboard), wandb, mlflow,
@@ -278,7 +278,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         candidates = [a for a in args if a is not type(None)]
         # 'a,b' on the command line means a list where the field also accepts one.
         if isinstance(value, str) and "," in value:
@@ -286,8 +285,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in candidates:
             try:
                 return _coerce(value, arg, key)
-            except UserError as e:
-                errors.append(str(e))
+            except UserError:
+                continue
         raise UserError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value in args:
@@ -369,19 +368,26 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b] = value for key 'a.b', creating sections as needed (paths become strings)."""
+    *parents, last = key.strip().split(".")
+    if not last or not all(parents):
+        raise UserError(f"config key {key!r} is not a dotted key such as train.learning_rate")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"config key '{key}': '{part}' is not a config section")
+    node[last] = str(value) if isinstance(value, Path) else value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted key=value overrides to a nested dict (values typed as YAML)."""
     for item in overrides:
-        if "=" not in item:
+        key, eq, text = item.partition("=")
+        if not eq or not all(key.strip().split(".")):
             raise UserError(f"override '{item}' is not key=value (e.g. train.learning_rate=1e-4)")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override '{item}': '{part}' is not a config section")
-        node[parts[-1]] = _parse_scalar(text)
+        set_dotted(raw, key, _parse_scalar(text))
     return raw
 
 
@@ -396,51 +402,97 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when path is None) and apply key=value overrides."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file '{p}' not found (see configs/ for examples)")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file '{p}': not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file '{p}': the top level must be a mapping of sections")
-        source = str(p)
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a nested dict (a missing file, bad YAML or a non-mapping is one UserError)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' not found (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{p}': not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file '{p}': the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None), then apply key=value overrides
+    (command-line strings, typed as YAML) and `values` ({dotted key: Python value}, e.g. a
+    notebook's parameters cell)."""
+    raw = read_yaml(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
-    return config_from_dict(raw, source)
+    for key, value in (values or {}).items():
+        set_dotted(raw, key, value)
+    return config_from_dict(raw, str(path) if path is not None else "defaults")
+
+
+# Ranges checked before any stage runs: config key -> (what it must be, test). A null passes where
+# the field allows one. Out-of-range values otherwise fail deep inside TRL or transformers, or
+# worse, run and do nothing (0 epochs overwriting a trained adapter with an untrained one).
+RANGES: dict[str, tuple[str, Any]] = {
+    "data.chunk_rows": (">= 1", lambda v: v >= 1),
+    "data.clean_workers": (">= 0 (0 = one per CPU)", lambda v: v >= 0),
+    "data.min_content_chars": (">= 0", lambda v: v >= 0),
+    "data.max_content_chars": (">= 0 (0 = no cap)", lambda v: v >= 0),
+    "data.sample_size": (">= 1 or null", lambda v: v >= 1),
+    "data.token_stats_rows": (">= 1 or null", lambda v: v >= 1),
+    "lora.r": (">= 1", lambda v: v >= 1),
+    "lora.alpha": ("> 0", lambda v: v > 0),
+    "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.max_steps": ("-1 (run the epochs) or >= 1", lambda v: v == -1 or v >= 1),
+    "train.batch_size": (">= 1", lambda v: v >= 1),
+    "train.grad_accum": (">= 1", lambda v: v >= 1),
+    "train.learning_rate": ("> 0", lambda v: v > 0),
+    "train.warmup_steps": (">= 0", lambda v: v >= 0),
+    "train.weight_decay": (">= 0", lambda v: v >= 0),
+    "train.max_grad_norm": (">= 0 (0 = no clipping)", lambda v: v >= 0),
+    "train.max_length": (">= 16 tokens (a prompt alone is longer)", lambda v: v >= 16),
+    "train.logging_steps": (">= 1", lambda v: v >= 1),
+    "train.eval_steps": (">= 0 (0 = only at the end)", lambda v: v >= 0),
+    "train.save_steps": (">= 1 (checkpoints are what --resume continues from)", lambda v: v >= 1),
+    "train.save_total_limit": (">= 1", lambda v: v >= 1),
+    "train.max_eval_samples": (">= 1 or null (all)", lambda v: v >= 1),
+    "eval.max_samples": (">= 1 or null (all test items)", lambda v: v >= 1),
+    "eval.batch_size": (">= 1", lambda v: v >= 1),
+    "eval.max_new_tokens": (">= 1", lambda v: v >= 1),
+    "eval.min_new_tokens": (">= 0", lambda v: v >= 0),
+    "eval.temperature": ("> 0", lambda v: v > 0),
+    "eval.top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "eval.repetition_penalty": ("> 0 (1.0 = off)", lambda v: v > 0),
+    "eval.no_repeat_ngram_size": (">= 0 (0 = off)", lambda v: v >= 0),
+    "eval.bootstrap_samples": (">= 1", lambda v: v >= 1),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def validate(cfg: Config) -> None:
-    """Collect every inconsistent setting and raise them together."""
-    problems = []
-    d = cfg.data
+    """Collect every out-of-range or inconsistent setting and raise them together."""
+    problems = [f"{key}={_get(cfg, key)!r} must be {what}" for key, (what, ok) in RANGES.items()
+                if _get(cfg, key) is not None and not ok(_get(cfg, key))]
+    d, t = cfg.data, cfg.train
     if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
         problems.append("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
     if not d.question_templates:
         problems.append("data.question_templates is empty; give at least one question with {title}")
-    for t in d.question_templates:
-        if "{title}" not in t:
-            problems.append(f"data.question_templates entry {t!r} has no {{title}} placeholder")
-    if d.chunk_rows < 1:
-        problems.append("data.chunk_rows must be >= 1")
-    if d.token_stats_rows is not None and d.token_stats_rows < 1:
-        problems.append("data.token_stats_rows must be >= 1 or null")
-    if d.sample_size is not None and d.sample_size < 1:
-        problems.append("data.sample_size must be >= 1 or null")
-    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
-        problems.append("train.batch_size and train.grad_accum must be >= 1")
-    if cfg.train.step_tokens < cfg.train.max_length:
-        problems.append(f"train.step_tokens ({cfg.train.step_tokens}) must be >= train.max_length "
-                        f"({cfg.train.max_length}): a step holds at least one full-length example")
-    if cfg.lora.r < 1:
-        problems.append("lora.r must be >= 1")
-    if cfg.eval.batch_size < 1:
-        problems.append("eval.batch_size must be >= 1")
+    for q in d.question_templates:
+        if "{title}" not in q:
+            problems.append(f"data.question_templates entry {q!r} has no {{title}} placeholder")
+    if t.max_steps == -1 and not t.epochs > 0:
+        problems.append(f"train.epochs={t.epochs!r} must be > 0 (or set train.max_steps)")
+    if t.step_tokens < t.max_length:
+        problems.append(f"train.step_tokens ({t.step_tokens}) must be >= train.max_length "
+                        f"({t.max_length}): a step holds at least one full-length example")
+    if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
+        problems.append(f"eval.min_new_tokens ({cfg.eval.min_new_tokens}) must be <= eval.max_new_tokens "
+                        f"({cfg.eval.max_new_tokens})")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 

@@ -23,6 +23,7 @@ import numpy as np
 from prodtune.config import Config, EvalConfig, save_config
 from prodtune.errors import UserError
 from prodtune.io import COMPARE_SPLITS, RunPaths, atomic_path, read_jsonl, write_json
+from prodtune.train import check_trained_on
 
 # metric name -> what the report says about it. Order is the report's order.
 METRICS: dict[str, str] = {
@@ -268,7 +269,7 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
     paths = RunPaths(cfg.run_dir, split)
-    save_config(cfg, paths.compare_config)
+    check_trained_on(paths)
     rows = select_items(read_jsonl(paths.split(split)), cfg.eval)
     if not rows:
         fraction = "data.test_fraction" if split == "test" else "data.val_fraction"
@@ -315,6 +316,8 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
             "decoding": describe_decoding(cfg.eval),
             "bootstrap_samples": cfg.eval.bootstrap_samples, "stop_tokens": stops}
     write_reports(paths, metrics, table, info)
+    if paths.compare_config != paths.config:  # a trial's settings stay with its results
+        save_config(cfg, paths.compare_config)
     return {"n": len(rows), "metrics": metrics, "answers_csv": str(paths.answers_csv),
             "metrics_json": str(paths.metrics_json), "report_md": str(paths.report_md),
             "report_html": str(paths.report_html), "summary": headline(metrics, paths)}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prodtune.config import EvalConfig, ModelConfig
+from prodtune.config import Config, EvalConfig, ModelConfig
 from prodtune.errors import UserError
 
 # Tokens that end an assistant turn in common chat templates. generation_config.eos_token_id
@@ -50,10 +50,7 @@ def load_model(model_cfg: ModelConfig, adapter: str | Path | None) -> tuple[Any,
     path = models.local_model_path(model_cfg)
     tok_path = path
     if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"no trained adapter in '{adapter}' (adapter_config.json missing): "
-                            "run 'prodtune train' first ('prodtune ask --base' answers without it)")
+        adapter = models.require_adapter(adapter)
         if (adapter / "tokenizer_config.json").is_file():
             tok_path = str(adapter)
     model = models.load_model(model_cfg, "auto", adapter=adapter, path=path)
@@ -213,13 +210,52 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], ev
     return Generated(answers, stopped, counts)
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]],
-                     eval_cfg: EvalConfig, desc: str = "generate") -> list[str]:
-    """Answers to chat prompts, in order (see `generate` for whether each ended properly)."""
-    return generate(model, tokenizer, prompts, eval_cfg, desc).answers
-
-
 # ----------------------------------------------------------------------------- ask
+
+def load_run(run_dir: str | Path, adapter: bool = True) -> tuple[Config, Any, Any]:
+    """A finished run's config, its base model (with the trained adapter unless adapter=False)
+    and tokenizer, for asking questions by hand."""
+    from prodtune.config import load_config
+    from prodtune.io import RunPaths
+
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file():
+        raise UserError(f"'{paths.config}' not found: is '{run_dir}' a run folder (e.g. outputs/demo)?")
+    cfg = load_config(paths.config)
+    model, tokenizer = load_model(cfg.model, paths.adapter if adapter else None)
+    return cfg, model, tokenizer
+
+
+def _check_question(question: str) -> None:
+    if not question.strip():
+        raise UserError("the question is empty: ask about a product, e.g. "
+                        "prodtune ask \"Mog's Kittens\" --run outputs/demo")
+
+
+def answer(model: Any, tokenizer: Any, cfg: Config, question: str, max_new_tokens: int | None = None,
+           desc: str = "answer", context: dict[str, str] | None = None, run_dir: str | Path | None = None) -> str:
+    """One answer to a question (or a bare product title) with the run's prompt and decoding; the
+    prompt is built as training built it (prompts.ask_prompt), from the run in run_dir."""
+    from dataclasses import replace
+
+    from prodtune.io import RunPaths
+    from prodtune.prompts import ask_prompt
+
+    _check_question(question)
+    eval_cfg = replace(cfg.eval, batch_size=1)
+    if max_new_tokens is not None:
+        eval_cfg.max_new_tokens = max_new_tokens
+    prompt = ask_prompt(question, cfg.data, RunPaths(run_dir if run_dir is not None else cfg.run_dir).clean_parquet,
+                        context)
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if window:
+        tokens = len(encode_prompts(tokenizer, [prompt])[0])
+        if tokens + eval_cfg.max_new_tokens > window:
+            raise UserError(f"the question is {tokens:,} tokens; with {eval_cfg.max_new_tokens} for the answer "
+                            f"that is past the model's context of {window:,} tokens: refused, shorten it "
+                            f"to at most {max(window - eval_cfg.max_new_tokens, 0):,} tokens")
+    return generate(model, tokenizer, [prompt], eval_cfg, desc=desc).answers[0]
+
 
 def ask(question: str, run_dir: str | Path, base: bool = False, max_new_tokens: int | None = None,
         context: dict[str, str] | None = None) -> str:
@@ -228,19 +264,19 @@ def ask(question: str, run_dir: str | Path, base: bool = False, max_new_tokens: 
     `context` gives the product's context fields ({"brand": "Acme"}), shown in the prompt as
     training showed them; a run trained on conversations takes the question as the user's message.
     """
-    from dataclasses import replace
+    _check_question(question)  # before loading a model for nothing
+    cfg, model, tokenizer = load_run(run_dir, adapter=not base)
+    return answer(model, tokenizer, cfg, question, max_new_tokens, desc="base" if base else "tuned",
+                  context=context, run_dir=run_dir)
 
-    from prodtune.config import load_config
-    from prodtune.io import RunPaths
-    from prodtune.prompts import ask_prompt
 
-    paths = RunPaths(run_dir)
-    if not paths.config.is_file():
-        raise UserError(f"'{paths.config}' not found: is '{run_dir}' a run folder (e.g. outputs/demo)?")
-    cfg = load_config(paths.config)
-    eval_cfg = replace(cfg.eval, batch_size=1)
-    if max_new_tokens is not None:
-        eval_cfg.max_new_tokens = max_new_tokens
-    prompt = ask_prompt(question, cfg.data, paths.clean_parquet, context)
-    model, tokenizer = load_model(cfg.model, None if base else paths.adapter)
-    return generate(model, tokenizer, [prompt], eval_cfg, desc="base" if base else "tuned").answers[0]
+def ask_both(question: str, run_dir: str | Path, max_new_tokens: int | None = None,
+             context: dict[str, str] | None = None) -> dict[str, str]:
+    """The base and the tuned model's answers to one question: one model loaded, the adapter
+    switched off for the base, as the comparison does."""
+    _check_question(question)
+    cfg, model, tokenizer = load_run(run_dir)
+    with adapter_off(model):
+        base = answer(model, tokenizer, cfg, question, max_new_tokens, desc="base", context=context, run_dir=run_dir)
+    return {"base": base, "tuned": answer(model, tokenizer, cfg, question, max_new_tokens, desc="tuned",
+                                          context=context, run_dir=run_dir)}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,14 +30,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp makes 0600 files; give outputs the usual permissions (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextmanager
@@ -45,6 +51,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs get the usual mode
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -95,11 +102,122 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def files_digest(files: Iterable[str | Path]) -> str:
+    """A short sha256 of the files' names and contents (a missing file counts as empty)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        f = Path(f)
+        h.update(f.name.encode() + b"\0")
+        if f.is_file():
+            with open(f, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"'{path}' not found: run the stage that writes it first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+LOCK_NAME = ".prodtune.lock"
+_held: dict[Path, tuple[int, int]] = {}  # run folder -> (lock file descriptor, times entered)
+
+
+def make_run_dir(root: str | Path) -> Path:
+    """Create the run folder (and its parents); a path that cannot be one is a UserError."""
+    root = Path(root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"output_dir '{root}' is a file, not a folder: set output_dir to a folder "
+                        "(or move the file away)") from None
+    except NotADirectoryError:
+        parent = next((p for p in root.parents if p.is_file()), root.parent)
+        raise UserError(f"output_dir '{root}': '{parent}' is a file, so no folder can be made under it; "
+                        "set output_dir to another path") from None
+    except PermissionError:
+        raise UserError(f"output_dir '{root}': permission denied creating it; choose a folder you can "
+                        "write to (output_dir=...)") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir '{root}' is not writable: fix its permissions or choose another "
+                        "folder (output_dir=...)")
+    return root
+
+
+@contextmanager
+def run_lock(root: str | Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder while a command runs in it.
+
+    An OS file lock (flock) on <run>/.prodtune.lock: the kernel drops it when its process ends, so
+    the lock of a killed process never blocks the next command. A second command finds it held and
+    stops at once, naming the process that holds it. Re-entrant within one process (`prodtune run`
+    holds it across its stages). On entry, temporary files that earlier, killed commands left in the
+    run folder are swept (nothing else can be writing them while the lock is held).
+    """
+    import fcntl
+
+    root = make_run_dir(root).resolve()
+    if root in _held:
+        fd, depth = _held[root]
+        _held[root] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            _held[root] = (fd, _held[root][1] - 1)
+        return
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"run folder '{root}' is in use by {holder}; wait for it to finish (or stop it), "
+                        "or give this command another output_dir") from None
+    except OSError as e:  # a file system without locks (some network mounts): run unlocked
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            os.close(fd)
+            raise
+        print(f"prodtune: note: '{root}' cannot be locked ({e.strerror}); do not run two commands in it at once",
+              file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"'{command}' (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+    _held[root] = (fd, 1)
+    try:
+        sweep_temporaries(root)
+        yield
+    finally:
+        del _held[root]
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing releases the lock
+
+
+def sweep_temporaries(root: Path) -> list[Path]:
+    """Remove what interrupted atomic writes left in the run folder and its stage folders.
+
+    `.<name>.<random>.tmp` files and folders are half-written outputs; `.<name>.old` is a folder an
+    atomic swap had moved aside: put back when the swap never finished, else removed.
+    """
+    swept = []
+    for folder in [root, *(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for p in folder.glob(".*.old"):
+            final = p.with_name(p.name[1:-len(".old")])
+            if not final.exists():
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+            swept.append(p)
+        for p in folder.glob(".*.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            swept.append(p)
+    return swept
 
 
 COMPARE_SPLITS = ("test", "validation")
@@ -165,6 +283,15 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.train / "checkpoints"
+
+    @property
+    def checkpoints_tag(self) -> Path:
+        """What the checkpoints were trained with (config and data), so a resume can be checked."""
+        return self.checkpoints / "prodtune.json"
+
+    def format_digest(self) -> str:
+        """A digest of the format stage's splits: what an adapter was trained and is compared on."""
+        return files_digest(self.split(s) for s in ("train", "validation", "test"))
 
     @property
     def train_log(self) -> Path:

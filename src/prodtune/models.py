@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +105,13 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
     return tok
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+def require_adapter(folder: str | Path) -> Path:
+    """The folder of a trained LoRA adapter; a UserError naming the fix when there is none."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"no trained adapter in '{folder}' (adapter_config.json missing): "
+                        "run 'prodtune train' first (or 'prodtune run')")
+    return folder
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -200,9 +204,7 @@ def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | 
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"no trained adapter in '{adapter}': run 'prodtune train' first")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=training)
+        model = PeftModel.from_pretrained(model, str(require_adapter(adapter)), is_trainable=training)
     if not training:
         model.eval()
     return model

@@ -3,6 +3,7 @@
     ENV = setup(use_drive=False)                           # Colab or local: folders, error display
     cfg = config_from_file("configs/demo.yaml", {"data.min_content_chars": 20, ...})   # tratar-dados
     cfg = config_from_run(OUTPUT_DIR, {"lora.r": 16, ...}, needs="format")           # the next two
+    report = run_stage(cfg, "train")                       # each step, recorded as the CLI records it
 
 The notebooks hand off through the run folder exactly as the CLI stages do: the first builds its
 config from a config file, the later ones from the run folder's config.yaml (written by every
@@ -12,7 +13,6 @@ before is checked up front, with a message naming the notebook to run first.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,29 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from prodtune.config import Config, config_from_dict, to_dict
+from prodtune.config import Config, load_config, to_dict
 from prodtune.errors import UserError
 from prodtune.io import RunPaths
+# The notebooks run each stage with run_stage, as the CLI does, so that it is recorded as done.
+from prodtune.stages import get_stage, run_stage  # noqa: F401
 
 COLAB_REPO = Path("/content/prodtune")  # where the notebooks' first cell clones the repository in Colab
 DRIVE_MOUNT = Path("/content/drive")
-
-# Which notebook (and CLI command) makes each stage's outputs.
-MADE_BY: dict[str, tuple[str, str]] = {
-    "clean": ("tratar-dados.ipynb", "prodtune clean"),
-    "format": ("transforma-em-json.ipynb", "prodtune format"),
-    "train": ("treino-e-teste.ipynb (its training step)", "prodtune train"),
-}
-
-
-def stage_outputs(run: RunPaths, stage: Literal["clean", "format", "train"]) -> list[Path]:
-    """The files a stage leaves in the run folder for the next one."""
-    return {"clean": [run.clean_parquet, run.clean_report],
-            "format": [run.split(s) for s in ("train", "validation", "test")] + [run.format_report],
-            "train": [run.adapter / "adapter_config.json", run.train_report]}[stage]
-
 
 # ----------------------------------------------------------------------------- environment
 
@@ -120,35 +105,24 @@ def _show_user_errors_briefly() -> None:
 
 # ----------------------------------------------------------------------------- config
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"notebook parameter '{key}': '{part}' is not a config section")
-    node[last] = str(value) if isinstance(value, Path) else value
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 1}} -> {'train.epochs': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def _get_dotted(raw: dict[str, Any], key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _with_params(raw: dict[str, Any], params: dict[str, Any], source: str) -> Config:
-    """Apply {dotted.key: value} on top of a raw config dict, build it, and say what changed."""
-    before = to_dict(config_from_dict(copy.deepcopy(raw), source))
-    for key, value in params.items():
-        _set_dotted(raw, key, value)
-    cfg = config_from_dict(raw, source)
-    after = to_dict(cfg)
-    changed = [f"{k}: {_get_dotted(before, k)!r} -> {_get_dotted(after, k)!r}"
-               for k in params if _get_dotted(before, k) != _get_dotted(after, k)]
-    print(f"config: {source}" + (" with the parameters above" if params else ""))
+def _with_params(path: Path, params: dict[str, Any]) -> Config:
+    """The config file with {dotted.key: value} on top; says what the parameters changed."""
+    before = _flat(to_dict(load_config(path)))
+    cfg = load_config(path, values=params)
+    after = _flat(to_dict(cfg))
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in params if before.get(k) != after.get(k)]
+    print(f"config: {path}" + (" with the parameters above" if params else ""))
     if changed:
         print("  changed by this notebook: " + "; ".join(changed))
     print(f"  run folder: {cfg.run_dir}")
@@ -164,10 +138,7 @@ def config_from_file(path: str | Path, params: dict[str, Any] | None = None) -> 
     if not p.is_file():
         raise UserError(f"config file '{p}' not found (working in {Path.cwd()}); "
                         "set CONFIG to a file in configs/, e.g. configs/demo.yaml")
-    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"config file '{p}': the top level must be a mapping of sections")
-    return _with_params(raw, dict(params or {}), str(p))
+    return _with_params(p, dict(params or {}))
 
 
 def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None,
@@ -176,23 +147,21 @@ def config_from_run(output_dir: str | Path, params: dict[str, Any] | None = None
     with this notebook's parameters on top; checks that the previous stage's outputs exist."""
     run = RunPaths(output_dir)
     if not run.config.is_file():
-        notebook, command = MADE_BY["clean"]
-        raise UserError(f"no run in '{run.root}' (config.yaml missing): run {notebook} first with "
-                        f"OUTPUT_DIR = '{run.root}' (or '{command} --config ...'), or fix OUTPUT_DIR")
+        first = get_stage("clean")
+        raise UserError(f"no run in '{run.root}' (config.yaml missing): run {first.notebook} first with "
+                        f"OUTPUT_DIR = '{run.root}' (or '{first.command} --config ...'), or fix OUTPUT_DIR")
     require(run.root, needs)
-    raw = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
-    params = {"output_dir": str(output_dir), **(params or {})}
-    return _with_params(raw, params, str(run.config))
+    return _with_params(run.config, {"output_dir": str(output_dir), **(params or {})})
 
 
 def require(run_dir: str | Path, stage: Literal["clean", "format", "train"]) -> None:
     """Raise a UserError naming the notebook to run first when a stage's outputs are missing."""
     run = RunPaths(run_dir)
-    missing = [str(p) for p in stage_outputs(run, stage) if not p.exists()]
+    step = get_stage(stage)
+    missing = [str(p) for p in step.outputs(run) if not p.exists()]
     if missing:
-        notebook, command = MADE_BY[stage]
         raise UserError(f"the {stage} stage's outputs are missing in '{run.root}' ({', '.join(missing)}): "
-                        f"run {notebook} first (or '{command}'), with the same OUTPUT_DIR")
+                        f"run {step.notebook} first (or '{step.command}'), with the same OUTPUT_DIR")
 
 
 # ----------------------------------------------------------------------------- display
@@ -384,10 +353,9 @@ def ask_both(question: str, run_dir: str | Path, max_new_tokens: int | None = No
     e.g. {"brand": "Acme"}, when it was trained with some), answers side by side."""
     import pandas as pd
 
-    from prodtune.generate import ask
+    from prodtune import generate
 
     require(run_dir, "train")
-    answers = {which: ask(question, run_dir, base=(which == "base"), max_new_tokens=max_new_tokens,
-                          context=context) for which in ("base", "tuned")}
+    answers = generate.ask_both(question, run_dir, max_new_tokens=max_new_tokens, context=context)
     return pd.DataFrame([answers], index=[question]).style.set_properties(
         **{"text-align": "left", "white-space": "pre-wrap", "vertical-align": "top"})

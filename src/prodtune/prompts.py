@@ -27,7 +27,7 @@ import numpy as np
 
 from prodtune.chat import TITLE_CHARS, split_conversation
 from prodtune.columns import CLEAN_COLUMNS
-from prodtune.config import Config, DataConfig, ModelConfig, save_config, section_hash
+from prodtune.config import Config, DataConfig, ModelConfig, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, write_json, write_jsonl
 from prodtune.rawdata import excerpt
@@ -301,7 +301,6 @@ def _length_report(out: dict[str, list[dict]], cfg: Config) -> dict[str, Any]:
 def format_stage(cfg: Config) -> dict[str, Any]:
     """Stage 2: clean/clean.parquet -> format/{train,validation,test}.jsonl and format_report.json."""
     paths = RunPaths(cfg.run_dir)
-    save_config(cfg, paths.config)
     data = cfg.data
     if data.token_stats_rows is not None and data.token_stats_rows < 1:
         raise UserError(f"data.token_stats_rows={data.token_stats_rows}: give at least 1, or null for all rows "
@@ -336,7 +335,7 @@ def format_stage(cfg: Config) -> dict[str, Any]:
     # interrupted run leaves the previous outputs whole, and other files in format/ (the pipeline's
     # .stage.json) stay where they are.
     paths.format.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".format.", dir=paths.format) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".format.", suffix=".tmp", dir=paths.format) as tmp:
         finals = [paths.split(s) for s in SPLITS] + [paths.format_report]
         for split in SPLITS:
             write_jsonl(Path(tmp) / paths.split(split).name, out[split])

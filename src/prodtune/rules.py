@@ -28,6 +28,7 @@ N_EXAMPLES = 3
 _BLOCK_TAG = re.compile(r"<\s*/?\s*(?:br|p|div|li|ul|ol|tr|td|th|h[1-6]|table|hr|blockquote|dd|dt)\b[^<>]*>",
                         re.IGNORECASE)
 _TAG = re.compile(r"<!--.*?-->|<\s*/?\s*[A-Za-z][A-Za-z0-9]*\b[^<>]*>", re.DOTALL)
+_OPEN_TAG = re.compile(r"<\s*/?\s*[A-Za-z][A-Za-z0-9]*\s[^<>]*=[^<>]*$|<!--(?!.*-->).*$", re.DOTALL)
 # "--This text refers to thePaperbackedition." (the edition name lost its spaces with its <i> tag),
 # "--This text refers to an out of print or unavailable edition of this title.", ...
 # It starts with a literal so that re can find it with a fast substring search (a leading \s* or
@@ -87,8 +88,17 @@ def _unescape(text: str) -> tuple[str, bool]:
 
 
 def strip_tags(text: str) -> str:
-    """Drop HTML tags and comments; block tags (<br>, <p>, <li> ...) become a space."""
-    return _TAG.sub("", _BLOCK_TAG.sub(" ", text)).strip()
+    """Drop HTML tags and comments; block tags (<br>, <p>, <li> ...) become a space.
+
+    Repeated until nothing changes, so that removing one tag cannot join its neighbours into a new
+    one ('<scr<script>ipt>' would become '<script>'); a tag left open at the end of the text, with
+    attributes ('<img src=x onerror=...'), goes too.
+    """
+    while True:
+        new = _OPEN_TAG.sub("", _TAG.sub("", _BLOCK_TAG.sub(" ", text)))
+        if new == text or "<" not in new:
+            return new.strip()
+        text = new
 
 
 def remove_boilerplate(text: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prodtune import distributed, fast, models
-from prodtune.config import Config, LoraConfig, TrainConfig, save_config
+from prodtune.config import Config, LoraConfig, TrainConfig, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, atomic_dir, read_json, read_jsonl, write_json
 
@@ -69,9 +69,9 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
             raise UserError("train.speed=fast keeps a full bf16 copy of the base on every GPU and cannot "
                             "run under FSDP; use train.speed=auto (small) or plain")
         train_cfg = replace(train_cfg, speed="small")
-    # GPU speed paths (issue 6): the card's memory picks fast or small unless train.speed says.
+    # GPU speed paths: the card's memory picks fast or small unless train.speed says.
     speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
-    # Data parallel (issue 7): N processes share one optimizer step, so the global batch, and with
+    # Data parallel: N processes share one optimizer step, so the global batch, and with
     # it the result, is the one-GPU run's (token batches: train.step_tokens per step on any count).
     processes = distributed.world_size()
     note = ""
@@ -178,7 +178,6 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
 
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
     args = sft_config(train_cfg, plan, output_dir, eval_ds is not None, eval_on_start)
-    # GPU speed (issue 6): the fast/small paths change the trainer, collator or model here.
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets),
@@ -229,13 +228,16 @@ def report_targets(report_to: str | list[str]) -> tuple[bool, list[str]]:
 
 
 def _log_callbacks(paths: RunPaths, resume_step: int, tensorboard: bool = True) -> list[Any]:
-    """Callbacks writing train/log.jsonl (one JSON object per log event) and, by default, TensorBoard."""
+    """Callbacks writing train/log.jsonl (one JSON object per log event) and, by default, TensorBoard.
+
+    Called once training is about to start: it rewrites the log (on resume, without the events
+    past the checkpoint, whose steps are trained again) and opens the TensorBoard writer.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
 
     log_path = paths.train_log
-    # On resume, drop events past the checkpoint: those steps are trained again.
     kept = ([r for r in read_jsonl(log_path) if r.get("step", 0) <= resume_step]
             if resume_step and log_path.is_file() else [])
     with open(log_path, "w", encoding="utf-8") as f:
@@ -304,12 +306,30 @@ def _peak_memory(device: str) -> tuple[float, str]:
 
 # ----------------------------------------------------------------------------- stages
 
+def _check_resume(paths: RunPaths, tag: dict[str, str]) -> Path:
+    """The checkpoint to resume from; a UserError when there is none or it was trained on other data."""
+    checkpoint = distributed.broadcast(last_checkpoint(paths))  # rank 0 picks: every process resumes alike
+    if checkpoint is None:
+        raise UserError(f"--resume: no complete checkpoint in '{paths.checkpoints}'; "
+                        "run 'prodtune train' without --resume to start from scratch")
+    made = read_json(paths.checkpoints_tag) if paths.checkpoints_tag.is_file() else {}
+    if made.get("format_digest") not in (None, tag["format_digest"]):
+        raise UserError(f"--resume: the checkpoints in '{paths.checkpoints}' were trained on other splits "
+                        f"(format outputs {made['format_digest']}, now {tag['format_digest']}: format ran again "
+                        "since); run 'prodtune train' without --resume to train on the current splits")
+    if made.get("config_hash") not in (None, tag["config_hash"]):
+        print("prodtune: note: resuming with model/lora/train settings that differ from the checkpoints'")
+    return checkpoint
+
+
 def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune LoRA adapters on format/train.jsonl; write train/adapter and the training report.
 
-    `callbacks` are extra transformers TrainerCallbacks (notebooks, tests). Under `accelerate
-    launch` (or torchrun) every process runs this function; rank 0 alone writes the run folder's
-    files, and the Trainer saves checkpoints from rank 0 too. Other ranks return rank 0's report
+    Everything that can be checked (the splits, the plan, the tokenizer and model loading, the
+    trainer's settings) is checked before the previous run's checkpoints are removed; a failure
+    before then leaves the run folder as it was. `callbacks` are extra transformers
+    TrainerCallbacks (notebooks, tests). Under `accelerate launch` (or torchrun) every process runs
+    this function; rank 0 alone writes the run folder's files. Other ranks return rank 0's report
     with an empty summary.
     """
     import torch
@@ -318,23 +338,11 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     paths = RunPaths(cfg.run_dir)
     main = distributed.is_main_process()
     tensorboard, _ = report_targets(cfg.train.report_to)
-    if main:
-        save_config(cfg, paths.config)
-    checkpoint, resumed = None, {}
-    if resume:
-        # Rank 0 picks the checkpoint, so every process resumes from the same one.
-        checkpoint = distributed.broadcast(last_checkpoint(paths))
-        if checkpoint is None:
-            raise UserError(f"--resume: no complete checkpoint in '{paths.checkpoints}'; "
-                            "run 'prodtune train' without --resume to start from scratch")
-        resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     train_ds, eval_ds = load_splits(paths, cfg.train.max_eval_samples)
+    tag = {"config_hash": section_hash(cfg.model, cfg.lora, cfg.train), "format_digest": paths.format_digest()}
+    checkpoint = _check_resume(paths, tag) if resume else None
+    resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
     plan = make_plan(cfg.train, cfg.model)
-    if main and not resume and paths.checkpoints.exists():
-        print(f"prodtune: starting afresh; removing old checkpoints in {paths.checkpoints}")
-        shutil.rmtree(paths.checkpoints)
-    paths.train.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()  # the old checkpoints are gone before any process goes on
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -343,9 +351,18 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     tokenizer = models.load_tokenizer(cfg.model, model_path)
     model = models.load_model(cfg.model, plan.device, training=True, path=model_path,
                               gradient_checkpointing=plan.gradient_checkpointing)
-    log_callbacks = _log_callbacks(paths, resumed.get("global_step", 0), tensorboard) if main else []
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg.lora, cfg.train, plan, paths.checkpoints,
-                            callbacks=log_callbacks + list(callbacks or []), eval_on_start=not resume)
+                            callbacks=list(callbacks or []), eval_on_start=not resume)
+    # Everything checkable has been checked: from here on the previous run's checkpoints go.
+    if main:
+        if not resume and paths.checkpoints.exists():
+            print(f"prodtune: starting afresh; removing the previous run's checkpoints in {paths.checkpoints}")
+            shutil.rmtree(paths.checkpoints)
+        if not resume:
+            write_json(paths.checkpoints_tag, tag)
+        for callback in _log_callbacks(paths, resumed.get("global_step", 0), tensorboard):
+            trainer.add_callback(callback)
+    distributed.barrier()  # the old checkpoints are gone before any process goes on
     trainable, total = trainer.model.get_nb_trainable_parameters()
     if main:
         processes = f"; {plan.batch.describe()}" if plan.batch.processes > 1 else ""
@@ -362,6 +379,10 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
         import wandb
 
         wandb.finish()
+    if trainer.state.global_step <= resumed.get("global_step", 0):
+        raise UserError(f"training ran no optimizer step (train.epochs={cfg.train.epochs}, train.max_steps="
+                        f"{cfg.train.max_steps}, {len(trainer.train_dataset)} examples); the adapter in "
+                        f"'{paths.adapter}' was left as it was")
     peaks = distributed.gather(_peak_memory(plan.device))  # every process's GPU
     # FSDP holds every weight in shards: all processes gather the full state for rank 0 to save.
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if distributed.uses_fsdp() else None
@@ -380,6 +401,7 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     report = _train_report(trainer, result.metrics.get("train_runtime", 0.0), log_rows, plan, cfg,
                            session_tokens_start=resumed.get("num_input_tokens_seen", 0), checkpoint=checkpoint,
                            peaks=peaks)
+    report["trained_on"] = tag  # compare checks that the splits are still these
     report["wall_time_s"] = round(time.time() - started, 2)
     write_json(paths.train_report, report)
     distributed.barrier()
@@ -391,6 +413,21 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
         f"{_where(plan)} in {report['train_runtime_s']:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
         f"adapter: {paths.adapter}\nreport: {paths.train_report}\nloss curve: {paths.loss_png}")
     return report
+
+
+def check_trained_on(paths: RunPaths) -> None:
+    """Refuse an adapter trained on other splits than format/ holds now: its test split could hold
+    titles the adapter was trained on, the leak the held-out comparison exists to prevent."""
+    report = read_json(paths.train_report) if paths.train_report.is_file() else {}
+    trained = (report.get("trained_on") or {}).get("format_digest")
+    if trained is None:
+        return  # an adapter from elsewhere (or an older run): nothing recorded to check against
+    now = paths.format_digest()
+    if trained != now:
+        raise UserError(f"the adapter in '{paths.adapter}' was trained on other splits than format/ holds now "
+                        f"(trained on format outputs {trained}, now {now}: format ran again since, e.g. with "
+                        "another data.seed); its test items may be ones it trained on. Re-train on the "
+                        "current splits ('prodtune train'), or run 'prodtune run', which redoes what changed")
 
 
 def _where(plan: Plan) -> str:
@@ -453,9 +490,7 @@ def merge_stage(cfg: Config) -> dict[str, Any]:
     """Merge train/adapter into the base model and save plain safetensors to train/merged."""
     started = time.time()
     paths = RunPaths(cfg.run_dir)
-    save_config(cfg, paths.config)
-    if not (paths.adapter / "adapter_config.json").is_file():
-        raise UserError(f"no trained adapter in '{paths.adapter}': run 'prodtune train' first")
+    models.require_adapter(paths.adapter)
     device = models.pick_device(cfg.train.device)
     out = models.merge_adapter(cfg.model, paths.adapter, paths.merged, device)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
