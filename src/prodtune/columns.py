@@ -60,6 +60,16 @@ class Mapping:
 TRN_JSON = Mapping("title", "content", "uid")
 
 
+def _shape(cols: list[str] | None) -> str:
+    """The known shape the columns have: 'trn.json' (also when unknown), 'alpaca', a conversation
+    column's name, or '' for none of them."""
+    if cols is None or {"title", "content"} <= set(cols):
+        return "trn.json"
+    if {"instruction", "output"} <= set(cols):
+        return "alpaca"
+    return next((c for c in CHAT_FIELDS if c in cols), "")
+
+
 def _auto_id(cols: list[str] | None) -> str | None:
     return next((c for c in ("uid", "id") if cols and c in cols), None)
 
@@ -75,11 +85,9 @@ def resolve_mapping(data: DataConfig, columns: Sequence[str] | None, source: str
     cols = None if columns is None else list(columns)
     has = (lambda c: True) if cols is None else (lambda c: c in cols)
     product_keys = data.title_field is not None or data.content_field is not None
-    alpaca = (not product_keys and cols is not None and not {"title", "content"} <= set(cols)
-              and {"instruction", "output"} <= set(cols))
-    chat = data.chat_field
-    if chat is None and not product_keys and cols is not None and not alpaca and not {"title", "content"} <= set(cols):
-        chat = next((c for c in CHAT_FIELDS if c in cols), None)
+    shape = "" if product_keys or data.chat_field is not None else _shape(cols)
+    alpaca = shape == "alpaca"
+    chat = data.chat_field or (shape if shape in CHAT_FIELDS else None)
     problems = []
     if data.chat_field is not None and product_keys:
         problems.append("data.chat_field and data.title_field/content_field are both set: a row is either a "
@@ -127,10 +135,17 @@ def context_text(value: Any) -> str | None:
     if value is None:
         return None
     if value.__class__ is str:
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape in JSON: shown as '?'
+                value = value.encode("utf-8", "replace").decode("utf-8")
         return value or None
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        if value != value:  # NaN: how pandas writes a missing number
+            return None
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, (int, decimal.Decimal)):
         return str(value)
