@@ -11,7 +11,7 @@ import pytest
 
 from prodtune import train as train_mod
 from prodtune.cli import main
-from prodtune.config import ModelConfig, TrainConfig
+from prodtune.config import ModelConfig, load_config
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, read_jsonl
 from test_train import tiny_args, write_format
@@ -31,13 +31,13 @@ def train(run_dir: Path, model_dir: Path, report_to: str) -> None:
     (["tensorboard", "MLflow"], True, ["mlflow"]), ("wandb,mlflow", False, ["wandb", "mlflow"]),
 ])
 def test_report_to_is_split_between_our_tensorboard_and_trl(tmp_path, value, tensorboard, others):
-    from prodtune.config import _coerce
-
-    value = _coerce(value, str | list[str], "train.report_to")  # as the config loader types it
-    assert train_mod.report_targets(value) == (tensorboard, others)
-    plan = train_mod.make_plan(TrainConfig(device="cpu", report_to=value), ModelConfig())
-    args = train_mod.sft_config(TrainConfig(device="cpu", report_to=value), plan,
-                                tmp_path / "myrun" / "train" / "checkpoints", has_eval=False)
+    train_cfg = load_config(None, [f"train.report_to={value}" if isinstance(value, str) else "train.device=cpu"]).train
+    if not isinstance(value, str):
+        train_cfg.report_to = value
+    train_cfg.device = "cpu"
+    assert train_mod.report_targets(train_cfg.report_to) == (tensorboard, others)
+    plan = train_mod.make_plan(train_cfg, ModelConfig())
+    args = train_mod.sft_config(train_cfg, plan, tmp_path / "myrun" / "train" / "checkpoints", has_eval=False)
     assert list(args.report_to) == others and args.run_name == "myrun"
 
 
