@@ -198,6 +198,20 @@ def test_os_errors_name_the_path(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "clean.parquet" in err
 
 
+@pytest.mark.parametrize("name, content, words", [
+    ("utf16.json", '{"uid": "1", "title": "t", "content": "a description"}\n'.encode("utf-16"), "UTF-16"),
+    ("random.json", bytes(range(256)) * 40, "not text"),
+    ("export.csv", b"sku,name,price\n1,Mog's Kittens,3.99\n", "its columns: sku, name, price"),
+])
+def test_files_of_another_kind_are_named_not_cleaned_to_nothing(tmp_path, capsys, name, content, words):
+    raw = tmp_path / name
+    raw.write_bytes(content)
+    assert main(["clean", f"output_dir={tmp_path / 'run'}", f"data.raw_path={raw}"]) == 1
+    err = one_line_error(capsys)
+    assert words in err and name in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_outputs_have_the_usual_modes(finished):
     umask = os.umask(0)
     os.umask(umask)

@@ -109,14 +109,16 @@ def resolve_mapping(data: DataConfig, columns: Sequence[str] | None, source: str
     if data.id_field:
         wanted["data.id_field"] = data.id_field
     wanted.update({f"data.context_fields[{i}]": c for i, c in enumerate(mapping.context)})
+    hint = ""
     if cols is not None:
         for key, col in wanted.items():
             if col not in cols:
                 auto = "data.title_field" in key and data.title_field is None or \
                        "data.content_field" in key and data.content_field is None
-                problems.append(f"no '{col}' column (data.title_field and data.content_field are unset, so the "
-                                "trn.json or Alpaca names are looked for; set them to the columns holding the "
-                                "product name and its description)" if auto else f"{key} '{col}' is not a column")
+                problems.append(f"no '{col}' column" if auto else f"{key} '{col}' is not a column")
+                if auto:
+                    hint = ("data.title_field and data.content_field are unset, so the trn.json or Alpaca names "
+                            "are looked for: set them to the columns holding the product name and its description")
     taken = {mapping.uid, mapping.title, mapping.content, mapping.chat}
     for name in mapping.context:
         if name in taken or name in CLEAN_COLUMNS:
@@ -124,6 +126,8 @@ def resolve_mapping(data: DataConfig, columns: Sequence[str] | None, source: str
                             f"column, or a name clean.parquet uses ({', '.join(CLEAN_COLUMNS)}); leave it out")
     if len(set(mapping.context)) != len(mapping.context):
         problems.append("data.context_fields lists a column twice")
+    if problems and hint:
+        problems.append(hint)
     if problems:
         listed = f"; its {seen}: {', '.join(cols[:60])}" + (" ..." if len(cols) > 60 else "") if cols else ""
         raise UserError(f"data.raw_path '{source}': " + "; ".join(dict.fromkeys(problems)) + listed)

@@ -30,7 +30,7 @@ from prodtune.errors import UserError
 from prodtune.evaluate import compare_stage
 from prodtune.io import RunPaths, atomic_path, read_json, run_lock, write_json
 from prodtune.prompts import SPLITS, format_stage
-from prodtune.train import train_stage
+from prodtune.train import train_stage, trained_with
 
 # Data fields that only the format stage reads; every other data field counts for clean too
 # (a field added later is then redone too often, never skipped wrongly).
@@ -103,7 +103,7 @@ STAGES: tuple[Stage, ...] = (
           "treino-e-teste.ipynb (its training step)", lambda p, **_: p.train,
           inputs=lambda p: [p.split("train"), p.split("validation")],
           outputs=lambda p: [p.adapter / "adapter_config.json", p.train_report],
-          depends_on=lambda c: [c.model, c.lora, c.train]),
+          depends_on=trained_with),
     Stage("compare", compare_stage,
           "Stage 4: base vs tuned answers on the held-out test split, metrics and a report.",
           "treino-e-teste.ipynb (its comparison step)",

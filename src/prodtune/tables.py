@@ -81,6 +81,9 @@ def detect_format(path: Path) -> str:
     if kind == "parquet" and gzipped:
         raise UserError(f"{where} is a gzip-compressed parquet file: decompress it (gunzip); parquet "
                         "compresses its own columns")
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        raise UserError(f"{where} is UTF-16 or UTF-32 text (it starts with that byte-order mark); save it as "
+                        "UTF-8 (e.g. iconv -f UTF-16 -t UTF-8), the encoding prodtune reads")
     if kind == "binary" and by_name != "parquet":
         raise UserError(f"{where} is not text (it has NUL bytes) nor parquet: give a CSV, TSV, JSON lines, "
                         "JSON or parquet file")

@@ -14,6 +14,7 @@ template lacks.
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import json
 import resource
 import shutil
@@ -306,6 +307,13 @@ def _peak_memory(device: str) -> tuple[float, str]:
 
 # ----------------------------------------------------------------------------- stages
 
+def trained_with(cfg: Config) -> list[Any]:
+    """The settings a trained adapter depends on: model, LoRA and training, but not where the
+    training logs go (train.report_to), which changes nothing the run produces."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k != "report_to"}
+    return [cfg.model, cfg.lora, train]
+
+
 def _check_resume(paths: RunPaths, tag: dict[str, str]) -> Path:
     """The checkpoint to resume from; a UserError when there is none or it was trained on other data."""
     checkpoint = distributed.broadcast(last_checkpoint(paths))  # rank 0 picks: every process resumes alike
@@ -339,7 +347,7 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     main = distributed.is_main_process()
     tensorboard, _ = report_targets(cfg.train.report_to)
     train_ds, eval_ds = load_splits(paths, cfg.train.max_eval_samples)
-    tag = {"config_hash": section_hash(cfg.model, cfg.lora, cfg.train), "format_digest": paths.format_digest()}
+    tag = {"config_hash": section_hash(*trained_with(cfg)), "format_digest": paths.format_digest()}
     checkpoint = _check_resume(paths, tag) if resume else None
     resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
     plan = make_plan(cfg.train, cfg.model)
