@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prodtune.evaluate import mean_statistic, summarize
 from prodtune.io import RunPaths
-from prodtune.report import fmt, render_html, render_markdown, verdict, write_reports
+from prodtune.metrics import mean_statistic, summarize
+from prodtune.report import headline, render_html, render_markdown, write_reports
 
 PAYLOAD = '<script>alert("x")</script>'
 
@@ -81,14 +81,25 @@ def test_write_reports_reads_the_training_log(tmp_path):
     assert paths.report_md.read_text().startswith("# Base vs tuned")
 
 
-def test_verdict_follows_the_interval_and_direction():
-    assert verdict("rouge_l", {"mean": 0.1, "ci95": [0.05, 0.2]}) == "better"
-    assert verdict("rouge_l", {"mean": 0.1, "ci95": [-0.05, 0.2]}) == "same"
-    assert verdict("loss", {"mean": -0.3, "ci95": [-0.5, -0.1]}) == "better"
-    assert verdict("loss", {"mean": 0.3, "ci95": [0.1, 0.5]}) == "worse"
+def _entry(mean, lo, hi):
+    return {"mean": mean, "ci95": [lo, hi]}
 
 
-@pytest.mark.parametrize("x, shown", [(0.12345, "0.123"), (12.345, "12.35"), (123.45, "123.5"),
-                                      (float("nan"), "–"), (None, "–")])
-def test_fmt(x, shown):
-    assert fmt(x) == shown
+def test_headline_reads_the_loss_the_right_way_round(tmp_path):
+    metrics = {"n": 30,
+               "base": {"rouge_l": _entry(0.13, 0.11, 0.15), "loss": _entry(3.89, 3.7, 4.1),
+                        "length_words": _entry(80, 70, 90)},
+               "tuned": {"rouge_l": _entry(0.14, 0.12, 0.16), "loss": _entry(3.33, 3.1, 3.5),
+                         "length_words": _entry(85, 75, 95)},
+               "diff": {"rouge_l": _entry(0.009, -0.001, 0.019), "loss": _entry(-0.56, -0.77, -0.41),
+                        "length_words": _entry(5, 1, 9)}}
+    text = headline(metrics, RunPaths(tmp_path))
+    lines = {line.split()[0]: line for line in text.splitlines()[3:]}
+    assert str(RunPaths(tmp_path).report_html) in text and "30 held-out items" in text
+    assert set(lines) == {"ROUGE-L", "loss"}  # length has no direction: not a headline number
+    assert "3.890 -> 3.330" in lines["loss"] and "-0.560 [-0.770, -0.410]" in lines["loss"]
+    assert "tuned better" in lines["loss"]  # a lower loss is the better one
+    assert "no clear difference" in lines["ROUGE-L"] and "+0.009 [-0.001, +0.019]" in lines["ROUGE-L"]
+    metrics["diff"]["loss"] = _entry(0.56, 0.41, 0.77)
+    assert "tuned worse" in headline(metrics, RunPaths(tmp_path, "validation"))
+

@@ -327,14 +327,11 @@ def metrics_table(metrics: dict[str, Any]) -> Any:
     whether the tuned model is better, worse or the same beyond noise."""
     import pandas as pd
 
-    from prodtune.report import fmt, verdict
+    from prodtune.metrics import fmt_interval, verdict
 
-    def cell(m: dict[str, Any]) -> str:
-        lo, hi = m["ci95"]
-        return f"{fmt(m['mean'])} [{fmt(lo)}, {fmt(hi)}]"
-
-    rows = [{"metric": k, "base": cell(metrics["base"][k]), "tuned": cell(metrics["tuned"][k]),
-             "tuned − base": cell(metrics["diff"][k]), "tuned is": verdict(k, metrics["diff"][k])}
+    rows = [{"metric": k, "base": fmt_interval(metrics["base"][k]), "tuned": fmt_interval(metrics["tuned"][k]),
+             "tuned − base": fmt_interval(metrics["diff"][k], signed=True),
+             "tuned is": verdict(k, metrics["diff"][k])}
             for k in metrics["base"] if k in metrics["tuned"] and k in metrics["diff"]]
     return pd.DataFrame(rows).set_index("metric")
 

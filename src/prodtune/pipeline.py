@@ -165,7 +165,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
             print(report["summary"], flush=True)  # compare's headline closes the run's summary
     lines = ["run: " + ", ".join(f"{name} {s}" for name, s in status.items()) + f"  ({paths.root})"]
     if status["compare"] == "skipped" and paths.metrics_json.is_file():
-        from prodtune.evaluate import headline
+        from prodtune.report import headline
 
         lines.append(headline(read_json(paths.metrics_json), paths))  # the numbers, even when nothing ran
     elif isinstance(reports.get("compare"), dict) and reports["compare"].get("summary"):

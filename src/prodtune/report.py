@@ -1,4 +1,4 @@
-"""compare/report.md and compare/report.html from the comparison's metrics and answers.
+"""What people read of a comparison: compare/report.md, compare/report.html and the printed headline.
 
 The HTML page is one self-contained file that opens offline: inline CSS, a few lines of inline JS
 (search and sort of the item table), charts as inline base64 PNGs. Product text and model output
@@ -17,40 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from prodtune.io import RunPaths, atomic_write_text
+from prodtune.metrics import LOWER_IS_BETTER, METRICS, fmt, fmt_interval, verdict
 
 # per-item columns shown in the HTML item table: (table suffix, header)
 ITEM_SCORES = [("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("bleu", "BLEU"),
                ("embedding_cosine", "cosine"), ("length_words", "words"), ("stop_rate", "ended")]
 EXAMPLES_IN_MD = 3
-
-
-def fmt(x: float | None) -> str:
-    """A metric value with sensible precision; NaN/None as an en dash."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    a = abs(x)
-    return f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 10 else f"{x:.3f}"
-
-
-def _fmt_ci(entry: dict[str, Any], signed: bool = False) -> str:
-    lo, hi = entry["ci95"]
-    mean = fmt(entry["mean"])
-    if signed and math.isfinite(entry["mean"]) and entry["mean"] >= 0:
-        mean = "+" + mean
-    return f"{mean} [{fmt(lo)}, {fmt(hi)}]"
-
-
-def verdict(name: str, diff: dict[str, Any]) -> str:
-    """'better', 'worse' or 'same' for the tuned model, from where the diff's interval lies."""
-    from prodtune.evaluate import LOWER_IS_BETTER
-
-    lo, hi = diff["ci95"]
-    if name == "length_words" or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "same"
-    sign = -1 if name in LOWER_IS_BETTER else 1
-    if lo > 0 or hi < 0:
-        return "better" if sign * (lo if lo > 0 else hi) > 0 else "worse"
-    return "same"
 
 
 def load_train_log(path: Path) -> list[dict[str, Any]]:
@@ -132,8 +104,6 @@ def _md(text: Any, limit: int = 0) -> str:
 
 def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -> str:
     """report.md: settings, the metric table with intervals, and the first few items."""
-    from prodtune.evaluate import METRICS
-
     lines = [f"# Base vs tuned: {_md(info.get('run', ''))}", "",
              f"{metrics['n']} held-out {_md(info.get('split', 'test'))} items (titles never seen in training). "
              f"Model `{_md(info.get('model', ''))}`, decoding: {_md(info.get('decoding', ''))}. Intervals: 95% bootstrap "
@@ -142,8 +112,8 @@ def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -
     for name in metrics["base"]:
         diff = metrics["diff"][name]
         mark = {"better": "✅ better", "worse": "❌ worse", "same": ""}[verdict(name, diff)]
-        lines.append(f"| {name} | {_fmt_ci(metrics['base'][name])} | {_fmt_ci(metrics['tuned'][name])} "
-                     f"| {_fmt_ci(diff, signed=True)} | {mark} |")
+        lines.append(f"| {name} | {fmt_interval(metrics['base'][name])} | {fmt_interval(metrics['tuned'][name])} "
+                     f"| {fmt_interval(diff, signed=True)} | {mark} |")
     lines += ["", "Metrics: " + "; ".join(f"**{k}**: {v}" for k, v in METRICS.items() if k in metrics["base"]) + ".",
               "", f"## Examples (the first {min(EXAMPLES_IN_MD, len(table))} items)", ""]
     for _, row in table.head(EXAMPLES_IN_MD).iterrows():
@@ -202,15 +172,13 @@ def _num_cell(value: Any, yes_no: bool = False) -> str:
 def render_html(metrics: dict[str, Any], table: Any, info: dict[str, Any],
                 train_log: list[dict[str, Any]]) -> str:
     """report.html: metric table, metric chart, loss curves and every item side by side."""
-    from prodtune.evaluate import METRICS
-
     metric_rows = []
     for name in metrics["base"]:
         diff = metrics["diff"][name]
         metric_rows.append(
-            f'<tr><td><b>{_e(name)}</b></td><td class="num">{_e(_fmt_ci(metrics["base"][name]))}</td>'
-            f'<td class="num">{_e(_fmt_ci(metrics["tuned"][name]))}</td>'
-            f'<td class="num {verdict(name, diff)}">{_e(_fmt_ci(diff, signed=True))}</td>'
+            f'<tr><td><b>{_e(name)}</b></td><td class="num">{_e(fmt_interval(metrics["base"][name]))}</td>'
+            f'<td class="num">{_e(fmt_interval(metrics["tuned"][name]))}</td>'
+            f'<td class="num {verdict(name, diff)}">{_e(fmt_interval(diff, signed=True))}</td>'
             f'<td class="muted">{_e(METRICS.get(name, ""))}</td></tr>')
     loss_png = loss_chart(train_log)
     loss_html = (f'<img alt="training loss" src="data:image/png;base64,{loss_png}">' if loss_png
@@ -265,3 +233,27 @@ def write_reports(paths: RunPaths, metrics: dict[str, Any], table: Any, info: di
     log = load_train_log(paths.train_log)
     atomic_write_text(paths.report_md, render_markdown(metrics, table, info))
     atomic_write_text(paths.report_html, render_html(metrics, table, info, log))
+
+
+# ----------------------------------------------------------------------------- headline
+
+# (metric, label) in the headline, when metrics.json has them
+HEADLINE = [("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("embedding_cosine", "cosine"), ("loss", "loss"),
+            ("stop_rate", "stop rate")]
+SAYS = {"better": "tuned better", "worse": "tuned worse", "same": "no clear difference"}
+
+
+def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
+    """The lines `prodtune compare` and `prodtune run` print: where the report is, the main metrics, verdicts."""
+    items = "held-out" if paths.compare_split == "test" else paths.compare_split
+    lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
+             f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}",
+             f"  {'':<9} {'base':>6} -> {'tuned':<6}   tuned - base [95% CI]"]
+    for name, label in HEADLINE:
+        if name not in metrics["base"]:
+            continue
+        b, t, d = metrics["base"][name], metrics["tuned"][name], metrics["diff"][name]
+        says = SAYS[verdict(name, d)] + (" (lower is better)" if name in LOWER_IS_BETTER else "")
+        lines.append(f"  {label:<9} {fmt(b['mean']):>6} -> {fmt(t['mean']):<6}   "
+                     f"{fmt_interval(d, signed=True):<26} {says}")
+    return "\n".join(lines)
