@@ -1,4 +1,4 @@
-"""The comparison stage: which items, the reference loss's mask, and compare_stage end to end."""
+"""The comparison stage: which items, the embedding model, and compare_stage end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from prodtune.config import EvalConfig, load_config
-from prodtune.evaluate import completion_tokens, compare_stage, resolve_embedding_model, select_items
+from prodtune.evaluate import compare_stage, resolve_embedding_model, select_items
 from prodtune.io import RunPaths, write_jsonl
 from tiny_run import make_run, product_rows
 
@@ -26,20 +26,6 @@ def test_select_items_is_seeded_subset_in_order():
     assert len(picked) == 10 and picked == sorted(picked, key=lambda r: r["i"])
     assert picked == select_items(rows, EvalConfig(max_samples=10, seed=1))
     assert select_items(rows, EvalConfig(max_samples=None)) == rows
-
-
-def test_completion_mask_matches_training(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    row = product_rows(1)[0]
-    ids, start = completion_tokens(tok, row["prompt"], row["completion"], max_length=2048)
-    prompt_ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)["input_ids"]
-    assert ids[:start] == list(prompt_ids)
-    answer = tok.decode(ids[start:])
-    assert answer.startswith(row["completion"][0]["content"]) and "<|end|>" in answer  # end-of-turn scored
-    assert completion_tokens(tok, row["prompt"], row["completion"], max_length=10)[0] == ids[:10]
 
 
 def test_compare_stage_end_to_end(tiny_model_dir, tmp_path):

@@ -39,8 +39,8 @@ import pyarrow as pa
 from prodtune import rawdata
 from prodtune.config import Config, DataConfig, save_config, section_hash
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, atomic_dir, write_json
-from prodtune.rawdata import Chunk, excerpt, open_chunks, parse_chunk
+from prodtune.io import RunPaths, atomic_dir, excerpt, write_json
+from prodtune.rawdata import Chunk, open_chunks, parse_chunk
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from prodtune.config import Config, EvalConfig, save_config
 from prodtune.errors import UserError
 from prodtune.io import COMPARE_SPLITS, RunPaths, atomic_path, read_jsonl, write_json
 from prodtune.metrics import score_model, statistics, summarize
+from prodtune.prompts import tokenize_as_trl
 from prodtune.report import headline, write_reports
 
 
@@ -61,24 +62,6 @@ def embedding_cosine(model_name: str, answers_by_model: dict[str, list[str]],
 
 # ----------------------------------------------------------------------------- reference loss
 
-def completion_tokens(tokenizer: Any, prompt: list[dict], completion: list[dict],
-                      max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + completion and where the completion starts, as TRL's SFTTrainer builds them.
-
-    The completion starts where the tokenized prompt (with the generation prompt) and the
-    tokenized full conversation diverge; sequences are cut to train.max_length from the right.
-    """
-    def ids(messages: list[dict], gen: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True,
-                                                  return_dict=True)["input_ids"])
-
-    prompt_ids, full = ids(prompt, True), ids(prompt + completion, False)
-    start = 0
-    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
-        start += 1
-    return full[:max_length], start
-
-
 def reference_losses(model: Any, tokenizer: Any, rows: list[dict], max_length: int,
                      batch_size: int, desc: str = "loss") -> np.ndarray:
     """Mean cross-entropy per item of the reference completion's tokens (NaN if none survive truncation)."""
@@ -86,7 +69,8 @@ def reference_losses(model: Any, tokenizer: Any, rows: list[dict], max_length: i
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    seqs = [completion_tokens(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
+    seqs = list(tokenize_as_trl(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                max_length))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

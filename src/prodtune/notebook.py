@@ -25,7 +25,7 @@ import yaml
 
 from prodtune.config import Config, config_from_dict, to_dict
 from prodtune.errors import UserError
-from prodtune.io import RunPaths
+from prodtune.io import RunPaths, excerpt
 
 COLAB_REPO = Path("/content/prodtune")  # where the notebooks' first cell clones the repository in Colab
 DRIVE_MOUNT = Path("/content/drive")
@@ -215,11 +215,6 @@ def _markdown(text: str) -> None:
         print(text)
 
 
-def _short(text: Any, n: int = 300) -> str:
-    text = "" if text is None else str(text)
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
 def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -> None:
     """The clean report as tables: rows read/dropped per rule/kept, rows changed per rule, examples
     of each rule (dropped rows; before → after for edits), and the first clean rows."""
@@ -240,7 +235,7 @@ def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -
     ex = report.get("examples", {})
     for title, rules in (("Examples of dropped rows", dropped), ("Examples of changes (before → after)",
                                                                  report.get("changed", {}))):
-        rows = [{"rule": rule, **{k: _short(v, 160) for k, v in item.items() if k != "uid"}}
+        rows = [{"rule": rule, **{k: excerpt(v, 160) for k, v in item.items() if k != "uid"}}
                 for rule in rules for item in ex.get(rule, [])[:examples]]
         if rows:
             _markdown(f"**{title}** (up to {examples} per rule)")
@@ -249,7 +244,7 @@ def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -
     if parquet.is_file():
         _markdown(f"**The first clean rows** (`{parquet}`)")
         head = pd.read_parquet(parquet).head(5)
-        _display(head.assign(content=head["content"].map(lambda t: _short(t, 200))))
+        _display(head.assign(content=head["content"].map(lambda t: excerpt(t, 200))))
 
 
 def show_format(report: dict[str, Any], run_dir: str | Path, n: int = 3, cfg: Config | None = None) -> None:
@@ -269,7 +264,7 @@ def show_format(report: dict[str, Any], run_dir: str | Path, n: int = 3, cfg: Co
     _markdown(f"**{len(rows)} formatted training examples** (`format/train.jsonl`; system prompt: *{system}*)")
     _display(pd.DataFrame([{
         "question (user)": r["prompt"][-1]["content"],
-        "answer (assistant)": _short(r["completion"][0]["content"], 300)} for r in rows]))
+        "answer (assistant)": excerpt(r["completion"][0]["content"], 300)} for r in rows]))
     if rows and cfg is not None:
         _show_chat_text(rows[0], cfg)
 
@@ -369,7 +364,7 @@ def side_by_side(run_dir: str | Path, n: int = 10, width: int = 300) -> Any:
     scores = [c for c in ("base_rouge_l", "tuned_rouge_l") if c in df.columns]
     view = df[text + scores].head(n).copy()
     for c in text:
-        view[c] = view[c].map(lambda t: _short(t, width))
+        view[c] = view[c].map(lambda t: excerpt(t, width))
     styler = view.style.set_properties(**{"text-align": "left", "white-space": "pre-wrap",
                                           "vertical-align": "top"})
     return styler.format(precision=3, subset=scores) if scores else styler

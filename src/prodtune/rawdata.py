@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from prodtune.errors import UserError
+from prodtune.io import excerpt
 
-EXAMPLE_CHARS = 240
 ARROW_THREADS = True
 """pyarrow's JSON reader uses threads; worker processes (already one per CPU) turn this off."""
 RAW_FIELDS = ("uid", "title", "content")
@@ -36,11 +36,6 @@ _MAX_PENDING = 16 << 20  # a JSON array element longer than this is taken as bro
 _BLOCK_BYTES = 4 << 20
 _N_EMPTY_EXAMPLES = 3
 _STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
-
-
-def excerpt(text: str, n: int = EXAMPLE_CHARS) -> str:
-    """text cut to n characters, for reports."""
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 @dataclass

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prodtune.io import RunPaths, atomic_write_text
+from prodtune.io import RunPaths, atomic_write_text, excerpt
 from prodtune.metrics import LOWER_IS_BETTER, METRICS, fmt, fmt_interval, verdict
 
 # per-item columns shown in the HTML item table: (table suffix, header)
@@ -94,12 +94,9 @@ def loss_chart(log: list[dict[str, Any]]) -> str | None:
 
 # ----------------------------------------------------------------------------- markdown
 
-def _md(text: Any, limit: int = 0) -> str:
+def _md(text: Any, limit: int | None = None) -> str:
     """Text safe inside a markdown table or paragraph: markup escaped, one line, | escaped."""
-    s = " ".join(str(text).split())
-    if limit and len(s) > limit:
-        s = s[:limit - 1] + "…"
-    return html.escape(s, quote=False).replace("|", "\\|")
+    return html.escape(excerpt(text, limit, one_line=True), quote=False).replace("|", "\\|")
 
 
 def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -> str:
