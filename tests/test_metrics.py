@@ -93,7 +93,10 @@ def test_verdict_follows_the_interval_and_direction():
     assert verdict("perplexity", {"mean": -2.0, "ci95": [-3.0, -1.0]}) == "better"
     assert verdict("chrf", {"mean": -2.0, "ci95": [-3.0, -1.0]}) == "worse"
     assert verdict("loss", {"mean": 0.0, "ci95": [0.0, 0.4]}) == "same"  # zero inside: no clear difference
-    assert verdict("length_words", {"mean": 9.0, "ci95": [5.0, 12.0]}) == "same"  # no direction
+    # no direction: a clear change is said as one, not as better or worse
+    assert verdict("length_words", {"mean": 9.0, "ci95": [5.0, 12.0]}) == "higher"
+    assert verdict("length_words", {"mean": -9.0, "ci95": [-12.0, -5.0]}) == "lower"
+    assert verdict("length_words", {"mean": 1.0, "ci95": [-2.0, 3.0]}) == "same"
     assert verdict("rouge_l", {"mean": float("nan"), "ci95": [float("nan"), float("nan")]}) == "same"
 
 

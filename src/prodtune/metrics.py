@@ -5,7 +5,7 @@ Pure code on answers, references and per-item scores; nothing here loads a model
 
     scores = score_model(answers, stopped, losses, references)          # per item
     metrics = summarize(statistics(base, ...), statistics(tuned, ...), n, samples=1000, seed=0)
-    verdict("loss", metrics["diff"]["loss"])                            # 'better' | 'worse' | 'same'
+    verdict("loss", metrics["diff"]["loss"])                            # 'better' | 'worse' | 'same' ...
     fmt_interval(metrics["diff"]["loss"], signed=True)                  # '-0.560 [-0.770, -0.410]'
 
 Every metric gets a 95% percentile-bootstrap interval, and so does the paired difference
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,6 +38,8 @@ METRICS: dict[str, str] = {
 }
 LOWER_IS_BETTER = {"loss", "perplexity"}
 NO_DIRECTION = {"length_words"}  # longer is neither better nor worse
+
+Verdict = Literal["better", "worse", "same", "higher", "lower"]
 
 # A statistic maps bootstrap indices (B, n) to B values; np.arange(n)[None] gives the point value.
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -150,16 +152,18 @@ def summarize(base: dict[str, Statistic], tuned: dict[str, Statistic], n: int,
 
 # ----------------------------------------------------------------------------- reading the numbers
 
-def verdict(name: str, diff: dict[str, Any]) -> str:
-    """'better', 'worse' or 'same' for the tuned model, from where the diff's interval lies.
+def verdict(name: str, diff: dict[str, Any]) -> Verdict:
+    """'better' or 'worse' for the tuned model, from where the diff's interval lies; 'same' when it holds zero.
 
-    'same' when the interval holds zero (no difference beyond noise), for a metric without a
-    direction (answer length), or when there is no interval.
+    'same' also when there is no interval. A metric without a direction (answer length) that
+    clearly changed is 'higher' or 'lower': a change, not a judgement.
     """
     lo, hi = diff["ci95"]
-    if name in NO_DIRECTION or not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
         return "same"
     up = lo > 0  # the whole interval lies above zero: tuned scored higher
+    if name in NO_DIRECTION:
+        return "higher" if up else "lower"
     return "better" if up != (name in LOWER_IS_BETTER) else "worse"
 
 

@@ -337,7 +337,7 @@ def show_compare(run_dir: str | Path) -> None:
 
     from IPython.display import Image
 
-    from prodtune.report import metrics_chart
+    from prodtune.plots import metrics_figure, png_base64
 
     paths = RunPaths(run_dir)
     if not paths.metrics_json.is_file():
@@ -347,7 +347,7 @@ def show_compare(run_dir: str | Path) -> None:
               "*better* or *worse* when the interval of tuned − base excludes zero)")
     _display(metrics_table(metrics))
     _markdown("**Base and tuned, mean and 95% interval per metric** (the chart of `compare/report.html`)")
-    _display(Image(data=base64.b64decode(metrics_chart(metrics))))
+    _display(Image(data=base64.b64decode(png_base64(metrics_figure(metrics)))))
     if paths.report_html.is_file():
         print(f"full report (opens offline in a browser): {paths.report_html}")
 
