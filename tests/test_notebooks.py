@@ -230,7 +230,7 @@ def test_metrics_table():
                "tuned": {"rouge_l": {"mean": 0.3, "ci95": [0.2, 0.4]}},
                "diff": {"rouge_l": {"mean": 0.2, "ci95": [0.1, 0.3]}}}
     table = nb.metrics_table(metrics)
-    assert table.loc["rouge_l", "tuned − base"] == "0.200 [0.100, 0.300]"
+    assert table.loc["rouge_l", "tuned − base"] == "+0.200 [+0.100, +0.300]"  # a difference is signed
     assert table.loc["rouge_l", "tuned is"] == "better"
 
 

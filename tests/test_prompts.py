@@ -13,7 +13,7 @@ from prodtune.config import DEFAULT_QUESTION_TEMPLATES, load_config
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, read_json, read_jsonl
 from prodtune.prompts import (SPLITS, as_question, ask_prompt, assign_splits, build_prompt, context_label,
-                              format_stage, normalize_title, pick_templates, sample_indices)
+                              format_stage, normalize_title, pick_templates, sample_indices, tokenize_as_trl)
 
 # Near-duplicates of one title: case, whitespace, punctuation, curly quote, full-width letters.
 NEAR_DUPLICATES = ["Mog's Kittens", "mog's  kittens", "MOG'S KITTENS!", "Mog’s Kittens",
@@ -215,6 +215,42 @@ def test_other_files_in_format_folder_are_kept(tmp_path):
     marker.write_text("{}")
     format_stage(cfg_for(tmp_path))
     assert marker.read_text() == "{}"
+
+
+def test_tokenize_as_trl_masks_the_prompt_as_training_does(tiny_model_dir):
+    from transformers import AutoTokenizer
+    from trl.data_utils import _tokenize, common_prefix_length
+    from tiny_run import product_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = product_rows(5)
+    prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    got = list(tokenize_as_trl(tok, prompts, completions, batch=2))  # batches of 2, 2 and 1
+    assert got == list(tokenize_as_trl(tok, prompts, completions))
+    for (ids, start), row in zip(got, rows):
+        # what TRL's SFTTrainer computes, row by row, for a conversational prompt-completion row
+        prompt_ids = _tokenize(tok, row["prompt"], add_generation_prompt=True)["input_ids"]
+        full = _tokenize(tok, row["prompt"] + row["completion"])["input_ids"]
+        assert (ids, start) == (list(full), common_prefix_length(prompt_ids, full))
+        assert ids[:start] == list(prompt_ids)
+        answer = tok.decode(ids[start:])
+        assert answer.startswith(row["completion"][0]["content"]) and "<|end|>" in answer  # end-of-turn scored
+    cut = list(tokenize_as_trl(tok, prompts[:1], completions[:1], max_length=10))
+    assert cut == [(got[0][0][:10], got[0][1])]  # cut from the right; the completion still starts there
+
+
+def test_tokenize_as_trl_when_the_prompt_renders_differently_alone(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tiny import PHI3_CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # Like Gemma's empty thought block: the generation prompt adds text the full conversation lacks.
+    tok.chat_template = PHI3_CHAT_TEMPLATE.replace("'<|assistant|>\n' }}", "'<|assistant|>\n<|system|>' }}")
+    prompt, completion = build_prompt("Describe 'Mog'."), [{"role": "assistant", "content": "A cat book."}]
+    assert tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False).endswith("<|system|>")
+    [(ids, start)] = tokenize_as_trl(tok, [prompt], [completion])
+    assert tok.decode(ids[start:]).startswith("A cat book.")  # starts where the two diverge
 
 
 def test_token_stats_with_tiny_tokenizer(tmp_path, tiny_model_dir):

@@ -239,7 +239,7 @@ def test_alpaca_input_is_context(tmp_path):
 @pytest.mark.parametrize("name, overrides, words", [
     ("products.csv", {"title_field": "product_nam", "content_field": "description"},
      "data.title_field 'product_nam' is not a column; its columns: product_id, product_name, description, brand"),
-    ("products.csv", {}, "no 'title' column (data.title_field and data.content_field are unset"),
+    ("products.csv", {}, "no 'title' column; no 'content' column; data.title_field and data.content_field are unset"),
     ("products.parquet", {**SHOP, "context_fields": ["brand", "colour"]},
      "data.context_fields[1] 'colour' is not a column; its columns: product_id, product_name"),
     ("chat.jsonl", {"id_field": "sku"}, "data.id_field 'sku' is not a column; its keys in the first 100 records: "

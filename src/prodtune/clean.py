@@ -40,8 +40,8 @@ from prodtune.chat import first_question, last_answer
 from prodtune.columns import Mapping
 from prodtune.config import Config, DataConfig, section_hash
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, atomic_dir, write_json
-from prodtune.rawdata import Chunk, excerpt, open_input, parse_chunk
+from prodtune.io import RunPaths, atomic_dir, excerpt, write_json
+from prodtune.rawdata import Chunk, open_input, parse_chunk
 from prodtune.rules import N_EXAMPLES, Edit, cap_text, clean_column, is_review_blurb, rows_to_normalize, text_key
 
 log = logging.getLogger(__name__)

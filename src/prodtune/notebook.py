@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from prodtune.config import Config, load_config, to_dict
 from prodtune.errors import UserError
-from prodtune.io import RunPaths
+from prodtune.io import RunPaths, excerpt
 # The notebooks run each stage with run_stage, as the CLI does, so that it is recorded as done.
 from prodtune.stages import get_stage, run_stage  # noqa: F401
 
@@ -184,11 +184,6 @@ def _markdown(text: str) -> None:
         print(text)
 
 
-def _short(text: Any, n: int = 300) -> str:
-    text = "" if text is None else str(text)
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
 def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -> None:
     """The clean report as tables: rows read/dropped per rule/kept, rows changed per rule, examples
     of each rule (dropped rows; before → after for edits), and the first clean rows."""
@@ -209,7 +204,7 @@ def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -
     ex = report.get("examples", {})
     for title, rules in (("Examples of dropped rows", dropped), ("Examples of changes (before → after)",
                                                                  report.get("changed", {}))):
-        rows = [{"rule": rule, **{k: _short(v, 160) for k, v in item.items() if k != "uid"}}
+        rows = [{"rule": rule, **{k: excerpt(v, 160) for k, v in item.items() if k != "uid"}}
                 for rule in rules for item in ex.get(rule, [])[:examples]]
         if rows:
             _markdown(f"**{title}** (up to {examples} per rule)")
@@ -218,7 +213,7 @@ def show_clean(report: dict[str, Any], run_dir: str | Path, examples: int = 2) -
     if parquet.is_file():
         _markdown(f"**The first clean rows** (`{parquet}`)")
         head = pd.read_parquet(parquet).head(5)
-        _display(head.assign(content=head["content"].map(lambda t: _short(t, 200))))
+        _display(head.assign(content=head["content"].map(lambda t: excerpt(t, 200))))
 
 
 def show_format(report: dict[str, Any], run_dir: str | Path, n: int = 3, cfg: Config | None = None) -> None:
@@ -238,7 +233,7 @@ def show_format(report: dict[str, Any], run_dir: str | Path, n: int = 3, cfg: Co
     _markdown(f"**{len(rows)} formatted training examples** (`format/train.jsonl`; system prompt: *{system}*)")
     _display(pd.DataFrame([{
         "question (user)": r["prompt"][-1]["content"],
-        "answer (assistant)": _short(r["completion"][0]["content"], 300)} for r in rows]))
+        "answer (assistant)": excerpt(r["completion"][0]["content"], 300)} for r in rows]))
     if rows and cfg is not None:
         _show_chat_text(rows[0], cfg)
 
@@ -296,14 +291,11 @@ def metrics_table(metrics: dict[str, Any]) -> Any:
     whether the tuned model is better, worse or the same beyond noise."""
     import pandas as pd
 
-    from prodtune.report import fmt, verdict
+    from prodtune.metrics import fmt_interval, verdict
 
-    def cell(m: dict[str, Any]) -> str:
-        lo, hi = m["ci95"]
-        return f"{fmt(m['mean'])} [{fmt(lo)}, {fmt(hi)}]"
-
-    rows = [{"metric": k, "base": cell(metrics["base"][k]), "tuned": cell(metrics["tuned"][k]),
-             "tuned − base": cell(metrics["diff"][k]), "tuned is": verdict(k, metrics["diff"][k])}
+    rows = [{"metric": k, "base": fmt_interval(metrics["base"][k]), "tuned": fmt_interval(metrics["tuned"][k]),
+             "tuned − base": fmt_interval(metrics["diff"][k], signed=True),
+             "tuned is": verdict(k, metrics["diff"][k])}
             for k in metrics["base"] if k in metrics["tuned"] and k in metrics["diff"]]
     return pd.DataFrame(rows).set_index("metric")
 
@@ -314,7 +306,7 @@ def show_compare(run_dir: str | Path) -> None:
 
     from IPython.display import Image
 
-    from prodtune.report import metrics_chart
+    from prodtune.plots import metrics_figure, png_base64
 
     paths = RunPaths(run_dir)
     if not paths.metrics_json.is_file():
@@ -324,7 +316,7 @@ def show_compare(run_dir: str | Path) -> None:
               "*better* or *worse* when the interval of tuned − base excludes zero)")
     _display(metrics_table(metrics))
     _markdown("**Base and tuned, mean and 95% interval per metric** (the chart of `compare/report.html`)")
-    _display(Image(data=base64.b64decode(metrics_chart(metrics))))
+    _display(Image(data=base64.b64decode(png_base64(metrics_figure(metrics)))))
     if paths.report_html.is_file():
         print(f"full report (opens offline in a browser): {paths.report_html}")
 
@@ -341,7 +333,7 @@ def side_by_side(run_dir: str | Path, n: int = 10, width: int = 300) -> Any:
     scores = [c for c in ("base_rouge_l", "tuned_rouge_l") if c in df.columns]
     view = df[text + scores].head(n).copy()
     for c in text:
-        view[c] = view[c].map(lambda t: _short(t, width))
+        view[c] = view[c].map(lambda t: excerpt(t, width))
     styler = view.style.set_properties(**{"text-align": "left", "white-space": "pre-wrap",
                                           "vertical-align": "top"})
     return styler.format(precision=3, subset=scores) if scores else styler

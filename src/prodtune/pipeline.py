@@ -13,8 +13,8 @@ from typing import Any
 
 from prodtune import stages
 from prodtune.config import Config, save_config
-from prodtune.evaluate import headline
 from prodtune.io import RunPaths, read_json, run_lock
+from prodtune.report import headline
 
 DOING = {"skip": "skipped", "run": "running", "resume": "resuming"}
 DONE = {"skip": "skipped", "run": "ran", "resume": "resumed"}

@@ -19,7 +19,7 @@ import os
 import tempfile
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from prodtune.columns import CLEAN_COLUMNS
 from prodtune.config import Config, DataConfig, ModelConfig, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, write_json, write_jsonl
-from prodtune.rawdata import excerpt
+from prodtune.io import excerpt
 from prodtune.rules import text_key
 
 SPLITS = ("train", "validation", "test")
@@ -182,21 +182,35 @@ def _offline_tokenizer(model_cfg: ModelConfig) -> Any:
     return load_tokenizer(model_cfg, path=str(path))
 
 
-def token_lengths(tokenizer: Any, prompts: list[list[dict[str, str]]],
-                  completions: list[list[dict[str, str]]], batch: int = 1000) -> tuple[list[int], list[int]]:
-    """Prompt and completion lengths in tokens, counted the way TRL's SFTTrainer does:
-    the prompt with the generation prompt, the completion as the rest of the full conversation."""
-    prompt_n: list[int] = []
-    completion_n: list[int] = []
-    for i in range(0, len(prompts), batch):  # batches keep the tokenizer's output small
-        p, c = prompts[i:i + batch], completions[i:i + batch]
-        p_texts = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        full_texts = tokenizer.apply_chat_template([a + b for a, b in zip(p, c)], tokenize=False)
-        p_ids = tokenizer(p_texts, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(full_texts, add_special_tokens=False)["input_ids"]
-        prompt_n += [len(ids) for ids in p_ids]
-        completion_n += [len(f) - len(ids) for f, ids in zip(full_ids, p_ids)]
-    return prompt_n, completion_n
+def tokenize_as_trl(tokenizer: Any, prompts: Sequence[list[dict[str, str]]],
+                    completions: Sequence[list[dict[str, str]]], max_length: int | None = None,
+                    batch: int = 1000) -> Iterator[tuple[list[int], int]]:
+    """(token ids of prompt + completion, where the completion starts) per row, as TRL's SFTTrainer builds them.
+
+    TRL tokenizes the prompt with the generation prompt and the whole conversation, and lets the
+    completion start where the two diverge: the prompt's end, unless a chat template renders a
+    prompt alone differently. Ids are cut to max_length from the right, as training cuts them.
+    Rows go to the tokenizer `batch` at a time (one fast-tokenizer call each, a bounded output).
+    """
+    for i in range(0, len(prompts), batch):
+        p, c = list(prompts[i:i + batch]), list(completions[i:i + batch])
+        p_ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
+        full_ids = tokenizer.apply_chat_template([a + b for a, b in zip(p, c, strict=True)], tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        for prompt, full in zip(p_ids, full_ids):
+            yield list(full[:max_length]), _common_prefix_length(prompt, full)
+
+
+def _common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
+    # trl.data_utils.common_prefix_length, written out: importing trl pulls torch and datasets
+    # into the format stage (several seconds) for these four lines.
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -282,8 +296,11 @@ def _length_report(out: dict[str, list[dict]], cfg: Config) -> dict[str, Any]:
         return report
     # Tokenizing is the slow part (~0.4 ms a row on 2 cores): a seeded sample gives the same picture.
     idx = sample_indices(len(rows), cfg.data.token_stats_rows, cfg.data.seed, stream="tokens")
-    prompt_n, completion_n = token_lengths(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx])
-    total = [p + c for p, c in zip(prompt_n, completion_n)]
+    prompt_n, total = [], []
+    for ids, start in tokenize_as_trl(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx]):
+        prompt_n.append(start)
+        total.append(len(ids))
+    completion_n = [t - p for p, t in zip(prompt_n, total)]
     over = sum(t > cfg.train.max_length for t in total)
     report["tokens"] = {
         "tokenizer": cfg.model.name_or_path,

@@ -35,8 +35,8 @@ from prodtune.chat import first_question, last_answer, parse_conversation
 from prodtune.columns import TRN_JSON, Mapping, context_text, resolve_mapping
 from prodtune.config import DataConfig
 from prodtune.errors import UserError
+from prodtune.io import excerpt
 
-EXAMPLE_CHARS = 240
 ARROW_THREADS = True
 """pyarrow's readers use threads; worker processes (already one per CPU) turn this off."""
 _MAX_PENDING = 16 << 20  # a JSON array element longer than this is taken as broken
@@ -45,11 +45,6 @@ _HEAD_RECORDS = 100  # records looked at to learn a JSON file's keys ...
 _HEAD_BYTES = 1 << 20  # ... within its first MiB
 _N_EMPTY_EXAMPLES = 3
 _STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
-
-
-def excerpt(text: str, n: int = EXAMPLE_CHARS) -> str:
-    """text cut to n characters, for reports."""
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # ----------------------------------------------------------------------------- chunks and rows

@@ -1,56 +1,25 @@
-"""compare/report.md and compare/report.html from the comparison's metrics and answers.
+"""What people read of a comparison: compare/report.md, compare/report.html and the printed headline.
 
 The HTML page is one self-contained file that opens offline: inline CSS, a few lines of inline JS
-(search and sort of the item table), charts as inline base64 PNGs. Product text and model output
-contain markup (descriptions come from web pages), so every piece of data is HTML-escaped; the
-only <script> element in the page is our own.
+(search, and sort by any score), charts as inline base64 PNGs. Each test item reads as one: the
+question and the reference, the two answers side by side (stacked on a phone), its scores on one
+line. Product text and model output contain markup (descriptions come from web pages), so every
+piece of data is HTML-escaped; the only <script> element in the page is our own.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from prodtune.io import RunPaths, atomic_write_text
+from prodtune.io import RunPaths, atomic_write_text, excerpt
+from prodtune.metrics import LOWER_IS_BETTER, METRICS, fmt, fmt_interval, verdict
+from prodtune.plots import loss_figure, loss_series, metrics_figure, png_base64
 
-# per-item columns shown in the HTML item table: (table suffix, header)
-ITEM_SCORES = [("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("bleu", "BLEU"),
-               ("embedding_cosine", "cosine"), ("length_words", "words"), ("stop_rate", "ended")]
 EXAMPLES_IN_MD = 3
-
-
-def fmt(x: float | None) -> str:
-    """A metric value with sensible precision; NaN/None as an en dash."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    a = abs(x)
-    return f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 10 else f"{x:.3f}"
-
-
-def _fmt_ci(entry: dict[str, Any], signed: bool = False) -> str:
-    lo, hi = entry["ci95"]
-    mean = fmt(entry["mean"])
-    if signed and math.isfinite(entry["mean"]) and entry["mean"] >= 0:
-        mean = "+" + mean
-    return f"{mean} [{fmt(lo)}, {fmt(hi)}]"
-
-
-def verdict(name: str, diff: dict[str, Any]) -> str:
-    """'better', 'worse' or 'same' for the tuned model, from where the diff's interval lies."""
-    from prodtune.evaluate import LOWER_IS_BETTER
-
-    lo, hi = diff["ci95"]
-    if name == "length_words" or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "same"
-    sign = -1 if name in LOWER_IS_BETTER else 1
-    if lo > 0 or hi < 0:
-        return "better" if sign * (lo if lo > 0 else hi) > 0 else "worse"
-    return "same"
 
 
 def load_train_log(path: Path) -> list[dict[str, Any]]:
@@ -67,73 +36,15 @@ def load_train_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# ----------------------------------------------------------------------------- charts
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def metrics_chart(metrics: dict[str, Any]) -> str:
-    """Base64 PNG: one small panel per metric, base and tuned with their 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(metrics["base"])
-    cols = min(5, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for x, (key, color) in enumerate((("base", "#8c8c8c"), ("tuned", "#2f6fb0"))):
-            entry = metrics[key][name]
-            lo, hi = entry["ci95"]
-            mean = entry["mean"]
-            err = [[max(mean - lo, 0)], [max(hi - mean, 0)]] if math.isfinite(lo) else None
-            ax.bar(x, mean, color=color, width=0.6)
-            if err is not None:
-                ax.errorbar(x, mean, yerr=err, color="black", capsize=4, lw=1)
-        ax.set_xticks([0, 1], ["base", "tuned"])
-        ax.set_title(name, fontsize=10)
-        ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def loss_chart(log: list[dict[str, Any]]) -> str | None:
-    """Base64 PNG of the training and validation loss by step (the train stage's figure); None without a log."""
-    import tempfile
-
-    from prodtune.plots import loss_series, plot_loss
-
-    if not any(steps for steps, _ in loss_series(log).values()):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        png = plot_loss(log, Path(tmp) / "loss.png", title="Training and validation loss")
-        return base64.b64encode(png.read_bytes()).decode("ascii")
-
-
 # ----------------------------------------------------------------------------- markdown
 
-def _md(text: Any, limit: int = 0) -> str:
+def _md(text: Any, limit: int | None = None) -> str:
     """Text safe inside a markdown table or paragraph: markup escaped, one line, | escaped."""
-    s = " ".join(str(text).split())
-    if limit and len(s) > limit:
-        s = s[:limit - 1] + "…"
-    return html.escape(s, quote=False).replace("|", "\\|")
+    return html.escape(excerpt(text, limit, one_line=True), quote=False).replace("|", "\\|")
 
 
 def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -> str:
     """report.md: settings, the metric table with intervals, and the first few items."""
-    from prodtune.evaluate import METRICS
-
     lines = [f"# Base vs tuned: {_md(info.get('run', ''))}", "",
              f"{metrics['n']} held-out {_md(info.get('split', 'test'))} items (titles never seen in training). "
              f"Model `{_md(info.get('model', ''))}`, decoding: {_md(info.get('decoding', ''))}. Intervals: 95% bootstrap "
@@ -141,9 +52,9 @@ def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -
              "| metric | base | tuned | tuned − base | |", "|---|---|---|---|---|"]
     for name in metrics["base"]:
         diff = metrics["diff"][name]
-        mark = {"better": "✅ better", "worse": "❌ worse", "same": ""}[verdict(name, diff)]
-        lines.append(f"| {name} | {_fmt_ci(metrics['base'][name])} | {_fmt_ci(metrics['tuned'][name])} "
-                     f"| {_fmt_ci(diff, signed=True)} | {mark} |")
+        mark = {"better": "✅ better", "worse": "❌ worse", "same": ""}.get(verdict(name, diff), verdict(name, diff))
+        lines.append(f"| {name} | {fmt_interval(metrics['base'][name])} | {fmt_interval(metrics['tuned'][name])} "
+                     f"| {fmt_interval(diff, signed=True)} | {mark} |")
     lines += ["", "Metrics: " + "; ".join(f"**{k}**: {v}" for k, v in METRICS.items() if k in metrics["base"]) + ".",
               "", f"## Examples (the first {min(EXAMPLES_IN_MD, len(table))} items)", ""]
     for _, row in table.head(EXAMPLES_IN_MD).iterrows():
@@ -158,77 +69,168 @@ def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -
 # ----------------------------------------------------------------------------- html
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1500px}
-h1{font-size:1.5em} h2{font-size:1.2em;margin-top:1.6em} .muted{color:#666;font-size:.9em}
+:root{--line:#e2e2e2;--base:#8c8c8c;--tuned:#2f6fb0;--good:#1a7f37;--bad:#b42318}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;padding:24px;color:#222;
+     max-width:1240px;line-height:1.45}
+h1{font-size:1.5em;margin-top:0} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid var(--line);
+     padding-bottom:4px} .muted{color:#666;font-size:.9em} .scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:.88em} th,td{border:1px solid #ddd;padding:4px 7px;vertical-align:top}
-th{background:#f3f3f3;text-align:left} #items th{cursor:pointer;position:sticky;top:0;user-select:none}
-#items th:after{content:" \\2195";color:#aaa} td.num{text-align:right;white-space:nowrap}
-td.txt{max-width:330px;white-space:pre-wrap;word-wrap:break-word}
-.better{background:#e3f4e1} .worse{background:#fbe3e1} img{max-width:100%}
-#search{padding:6px 9px;width:360px;font-size:1em;margin:8px 0}
+th{background:#f3f3f3;text-align:left} td.num{text-align:right;white-space:nowrap;vertical-align:middle}
+td.metric{min-width:200px;max-width:340px} td.metric .muted{font-size:.85em}
+td.better{background:#e3f4e1} td.worse{background:#fbe3e1} img{max-width:100%;height:auto} .chart{margin:1em 0}
+.controls{position:sticky;top:0;z-index:1;background:#fff;display:flex;flex-wrap:wrap;align-items:center;
+          gap:8px 14px;padding:10px 0;border-bottom:1px solid var(--line)}
+.controls label{white-space:nowrap} #search{flex:1 1 260px;max-width:440px;padding:6px 9px;font-size:1em}
+select{font-size:.95em;padding:4px;max-width:100%}
+.item{border:1px solid var(--line);border-radius:8px;padding:12px 16px;margin:14px 0}
+.item h3{font-size:1.05em;margin:0 0 8px} .item h3 .n{color:#888;font-weight:normal;margin-right:.4em}
+.label{display:block;font-size:.72em;font-weight:600;letter-spacing:.06em;text-transform:uppercase;color:#666}
+.text{white-space:pre-wrap;overflow-wrap:anywhere}
+.q{margin:0 0 8px} .ref{background:#f7f6f1;border-left:3px solid #c8c0a0;padding:6px 10px;margin:0 0 10px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+.answer{background:#fafafa;border-left:3px solid var(--base);padding:6px 10px}
+.answer.tuned{background:#f3f7fc;border-left-color:var(--tuned)}
+.scores{margin:10px 0 0;font-size:.84em;color:#444;font-variant-numeric:tabular-nums}
+.scores .s{white-space:nowrap;margin-right:.9em;display:inline-block} .good{color:var(--good)} .bad{color:var(--bad)}
+@media (max-width:720px){body{padding:12px}.pair{grid-template-columns:1fr}.item{padding:10px 12px}
+  #search{max-width:none} .controls{position:static}
+  #metrics thead{display:none} #metrics tr{display:block;border:1px solid #ddd;margin:0 0 8px}
+  #metrics td{display:block;border:0;text-align:left;max-width:none}
+  #metrics td.num:before{content:attr(data-label) ": ";color:#666}
+  .chart{overflow-x:auto} .chart img{max-width:none;width:760px}}
 """
 
 JS = """
-const table=document.getElementById('items'), body=table.tBodies[0];
-document.getElementById('search').addEventListener('input', e => {
-  const q=e.target.value.toLowerCase(); let shown=0;
-  for (const tr of body.rows) { const ok=tr.textContent.toLowerCase().includes(q);
-    tr.style.display=ok?'':'none'; shown+=ok; }
-  document.getElementById('count').textContent=shown;
+const list=document.getElementById('items'), cards=[...list.children];
+const search=document.getElementById('search'), key=document.getElementById('sort'),
+      order=document.getElementById('order'), count=document.getElementById('count');
+search.addEventListener('input', () => {
+  const q=search.value.toLowerCase(); let shown=0;
+  for (const c of cards) { const ok=c.textContent.toLowerCase().includes(q); c.hidden=!ok; shown+=ok; }
+  count.textContent=shown;
 });
-table.tHead.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
-  const asc = th.dataset.dir !== 'asc'; th.dataset.dir = asc ? 'asc' : 'desc';
-  const key = tr => { const c=tr.cells[col], v=c.dataset.v ?? c.textContent, n=parseFloat(v);
-    return isNaN(n) ? v.toLowerCase() : n; };
-  const rows=[...body.rows].sort((a,b)=>{const x=key(a),y=key(b); return (x<y?-1:x>y?1:0)*(asc?1:-1);});
-  rows.forEach(r=>body.appendChild(r));
-}));
+function sort() {
+  const attr='data-'+key.value, sign=order.value==='asc'?1:-1;
+  const v=c => { const x=parseFloat(c.getAttribute(attr)); return isNaN(x)?null:x; };
+  const sorted=[...cards].sort((a,b) => { const x=v(a), y=v(b);
+    if (x===null || y===null) return (x===null)-(y===null);  // items without the score go last
+    return (x-y)*sign || a.dataset.i-b.dataset.i; });
+  sorted.forEach(c => list.appendChild(c));
+}
+// Picking a score shows the tuned model's best items first: highest, or lowest for a loss.
+key.addEventListener('change', () => {
+  order.value=(key.value==='i' || key.value.endsWith('loss')) ? 'asc' : 'desc'; sort(); });
+order.addEventListener('change', sort);
 """
+
+# per-item scores of answers.csv shown on each item's scores line and offered by the sort control
+ITEM_SCORES = [("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("bleu", "BLEU"), ("embedding_cosine", "cosine"),
+               ("loss", "loss"), ("length_words", "words"), ("stop_rate", "ended")]
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(_text(value), quote=True)
 
 
-def _num_cell(value: Any, yes_no: bool = False) -> str:
+def _text(value: Any) -> str:
+    # answers.csv read back by pandas turns an empty answer into NaN: show it empty, not "nan"
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def _num(value: Any) -> float:
     try:
-        x = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        return f'<td class="num">{_e(value)}</td>'
-    shown = ("yes" if x else "no") if yes_no and math.isfinite(x) else fmt(x)
-    return f'<td class="num" data-v="{x if math.isfinite(x) else ""}">{shown}</td>'
+        return math.nan
+
+
+def _attr(x: float) -> str:
+    return repr(x) if math.isfinite(x) else ""
+
+
+def _score(name: str, label: str, base: float, tuned: float) -> str:
+    """One score of one item: 'ROUGE-L 0.132 → 0.141 +0.009', the change coloured by whether it helps."""
+    if name == "stop_rate":
+        shown = " → ".join("–" if not math.isfinite(x) else "yes" if x else "no" for x in (base, tuned))
+        return f'<span class="s">{_e(label)} {shown}</span>'
+    if name == "length_words":  # a count, and longer is neither better nor worse
+        shown = " → ".join(f"{x:.0f}" if math.isfinite(x) else "–" for x in (base, tuned))
+        return f'<span class="s">{_e(label)} {shown}</span>'
+    text = f"{_e(label)} {fmt(base)} → {fmt(tuned)}"
+    d = tuned - base
+    if math.isfinite(d):
+        helps = "good" if d and (d < 0) == (name in LOWER_IS_BETTER) else "bad" if d else ""
+        text += f' <b class="{helps}">{fmt(d, signed=True)}</b>'
+    return f'<span class="s">{text}</span>'
+
+
+def _item(i: int, row: dict[str, Any], scores: list[tuple[str, str]]) -> str:
+    """One test item: title, question, reference, the two answers side by side, its scores on one line."""
+    data = [f'data-i="{i}"']
+    line = []
+    for name, label in scores:
+        b, t = _num(row[f"base_{name}"]), _num(row[f"tuned_{name}"])
+        data += [f'data-b_{name}="{_attr(b)}"', f'data-t_{name}="{_attr(t)}"', f'data-d_{name}="{_attr(t - b)}"']
+        line.append(_score(name, label, b, t))
+    title = _text(row.get("title")) or _text(row.get("uid"))
+    return (f'<article class="item" {" ".join(data)}>'
+            f'<h3><span class="n">#{i}</span>{_e(title)}</h3>'
+            f'<div class="q"><span class="label">Question</span><span class="text">{_e(row["question"])}</span></div>'
+            f'<div class="ref"><span class="label">Reference</span>'
+            f'<span class="text">{_e(row["reference"])}</span></div>'
+            f'<div class="pair">'
+            f'<div class="answer base"><span class="label">Base model</span>'
+            f'<span class="text">{_e(row["base_answer"])}</span></div>'
+            f'<div class="answer tuned"><span class="label">Tuned model</span>'
+            f'<span class="text">{_e(row["tuned_answer"])}</span></div></div>'
+            f'<p class="scores">{"".join(line)}</p></article>')
+
+
+def _sort_control(scores: list[tuple[str, str]]) -> str:
+    options = ['<option value="i">test file order</option>']
+    for name, label in scores:
+        options.append(f'<optgroup label="{_e(label)}">' + "".join(
+            f'<option value="{p}_{name}">{_e(label)}: {what}</option>'
+            for p, what in (("d", "tuned − base"), ("t", "tuned"), ("b", "base"))) + "</optgroup>")
+    return (f'<label>Sort by <select id="sort">{"".join(options)}</select></label> '
+            '<select id="order" aria-label="order"><option value="asc">lowest first</option>'
+            '<option value="desc">highest first</option></select>')
+
+
+def _in_short(metrics: dict[str, Any]) -> str:
+    """One sentence: on which metrics the tuned model is better, worse, not clearly different, or just changed."""
+    groups: dict[str, list[str]] = {}
+    for name in metrics["base"]:
+        groups.setdefault(verdict(name, metrics["diff"][name]), []).append(name)
+    said = [f"<b>{what}</b> on {_e(', '.join(groups[v]))}" for v, what in
+            (("better", "better"), ("worse", "worse"), ("same", "no clear difference")) if v in groups]
+    said += [f"{_e(', '.join(groups[v]))} {v} (neither better nor worse)" for v in ("higher", "lower") if v in groups]
+    return "The tuned model: " + "; ".join(said) + "."
 
 
 def render_html(metrics: dict[str, Any], table: Any, info: dict[str, Any],
                 train_log: list[dict[str, Any]]) -> str:
-    """report.html: metric table, metric chart, loss curves and every item side by side."""
-    from prodtune.evaluate import METRICS
-
+    """report.html: metric table, metric chart, loss curves and every item, its two answers side by side."""
     metric_rows = []
     for name in metrics["base"]:
         diff = metrics["diff"][name]
         metric_rows.append(
-            f'<tr><td><b>{_e(name)}</b></td><td class="num">{_e(_fmt_ci(metrics["base"][name]))}</td>'
-            f'<td class="num">{_e(_fmt_ci(metrics["tuned"][name]))}</td>'
-            f'<td class="num {verdict(name, diff)}">{_e(_fmt_ci(diff, signed=True))}</td>'
-            f'<td class="muted">{_e(METRICS.get(name, ""))}</td></tr>')
-    loss_png = loss_chart(train_log)
-    loss_html = (f'<img alt="training loss" src="data:image/png;base64,{loss_png}">' if loss_png
-                 else '<p class="muted">No training log (train/log.jsonl) found.</p>')
+            f'<tr><td class="metric"><b>{_e(name)}</b><br><span class="muted">{_e(METRICS.get(name, ""))}</span></td>'
+            f'<td class="num" data-label="base">{_e(fmt_interval(metrics["base"][name]))}</td>'
+            f'<td class="num" data-label="tuned">{_e(fmt_interval(metrics["tuned"][name]))}</td>'
+            f'<td class="num {verdict(name, diff)}" data-label="tuned − base">'
+            f'{_e(fmt_interval(diff, signed=True))}</td></tr>')
+    if any(steps for steps, _ in loss_series(train_log).values()):
+        loss_png = png_base64(loss_figure(train_log, "Training and validation loss"))
+        loss_html = f'<img alt="training and validation loss" src="data:image/png;base64,{loss_png}">'
+    else:
+        loss_html = '<p class="muted">No training log (train/log.jsonl) found.</p>'
 
-    scores = [(k, h) for k, h in ITEM_SCORES if f"base_{k}" in table.columns]
-    head = ["#", "title", "question", "reference", "base answer", "tuned answer"]
-    head += [f"{h} {m}" for k, h in scores for m in ("base", "tuned")]
-    item_rows = []
-    for i, row in enumerate(table.itertuples(index=False), 1):
-        r = row._asdict()
-        cells = [f'<td class="num" data-v="{i}">{i}</td>']
-        cells += [f'<td class="txt">{_e(r[c])}</td>'
-                  for c in ("title", "question", "reference", "base_answer", "tuned_answer")]
-        cells += [_num_cell(r[f"{m}_{k}"], yes_no=k == "stop_rate") for k, _ in scores for m in ("base", "tuned")]
-        item_rows.append("<tr>" + "".join(cells) + "</tr>")
-
+    scores = [(k, h) for k, h in ITEM_SCORES if f"base_{k}" in table.columns and f"tuned_{k}" in table.columns]
+    items = [_item(i, row._asdict(), scores) for i, row in enumerate(table.itertuples(index=False), 1)]
     settings = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in info.items())
+    chart = png_base64(metrics_figure(metrics))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -236,25 +238,33 @@ def render_html(metrics: dict[str, Any], table: Any, info: dict[str, Any],
 <style>{CSS}</style></head><body>
 <h1>Base vs tuned: {_e(info.get("run", ""))}</h1>
 <p>{metrics["n"]} held-out {_e(info.get("split", "test"))} items, whose titles never appear in training;
-decoding: {_e(info.get("decoding", ""))}. Intervals are 95%
-bootstrap intervals; the difference tuned − base is paired (the same resampled items for both),
-green where the interval shows the tuned model better, red where worse.</p>
+decoding: {_e(info.get("decoding", ""))}. Intervals are 95% bootstrap intervals; the difference
+tuned − base is paired (the same resampled items for both), green where the interval shows the
+tuned model better, red where worse.</p>
+<p>{_in_short(metrics)}</p>
 <h2>Metrics</h2>
-<table><thead><tr><th>metric</th><th>base [95% CI]</th><th>tuned [95% CI]</th>
-<th>tuned − base [95% CI]</th><th>meaning</th></tr></thead><tbody>
+<div class="scroll"><table id="metrics"><thead><tr><th>metric</th><th>base [95% CI]</th><th>tuned [95% CI]</th>
+<th>tuned − base [95% CI]</th></tr></thead><tbody>
 {"".join(metric_rows)}
-</tbody></table>
-<p><img alt="metrics with 95% intervals" src="data:image/png;base64,{metrics_chart(metrics)}"></p>
+</tbody></table></div>
+<div class="chart"><img alt="metrics with 95% intervals" src="data:image/png;base64,{chart}"></div>
 <h2>Training loss</h2>
 {loss_html}
 <h2>Every test item</h2>
-<input id="search" type="search" placeholder="Search titles, references and answers…">
-<span class="muted"><span id="count">{len(item_rows)}</span> items shown; click a column to sort.</span>
-<table id="items"><thead><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr></thead><tbody>
-{"".join(item_rows)}
-</tbody></table>
+<p class="muted">The question, the reference description, then the base and the tuned model's answers
+side by side; each item's scores on its last line (base → tuned, and the change, green where it
+helps the tuned model).</p>
+<div class="controls"><input id="search" type="search" aria-label="search"
+placeholder="Search titles, questions, references and answers…">
+{_sort_control(scores)}
+<span class="muted"><span id="count">{len(items)}</span> of {len(items)} items shown</span></div>
+<div id="items">
+{"".join(items)}
+</div>
 <h2>Settings</h2>
-<table>{settings}</table>
+<div class="scroll"><table>
+{settings}
+</table></div>
 <script>{JS}</script>
 </body></html>
 """
@@ -265,3 +275,28 @@ def write_reports(paths: RunPaths, metrics: dict[str, Any], table: Any, info: di
     log = load_train_log(paths.train_log)
     atomic_write_text(paths.report_md, render_markdown(metrics, table, info))
     atomic_write_text(paths.report_html, render_html(metrics, table, info, log))
+
+
+# ----------------------------------------------------------------------------- headline
+
+# (metric, label) in the headline, when metrics.json has them
+HEADLINE = [("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("embedding_cosine", "cosine"), ("loss", "loss"),
+            ("stop_rate", "stop rate")]
+SAYS = {"better": "tuned better", "worse": "tuned worse", "same": "no clear difference",
+        "higher": "tuned higher", "lower": "tuned lower"}
+
+
+def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
+    """The lines `prodtune compare` and `prodtune run` print: where the report is, the main metrics, verdicts."""
+    items = "held-out" if paths.compare_split == "test" else paths.compare_split
+    lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
+             f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}",
+             f"  {'':<9} {'base':>6} -> {'tuned':<6}   tuned - base [95% CI]"]
+    for name, label in HEADLINE:
+        if name not in metrics["base"]:
+            continue
+        b, t, d = metrics["base"][name], metrics["tuned"][name], metrics["diff"][name]
+        says = SAYS[verdict(name, d)] + (" (lower is better)" if name in LOWER_IS_BETTER else "")
+        lines.append(f"  {label:<9} {fmt(b['mean']):>6} -> {fmt(t['mean']):<6}   "
+                     f"{fmt_interval(d, signed=True):<26} {says}")
+    return "\n".join(lines)

@@ -27,7 +27,8 @@ from prodtune import rawdata
 from prodtune.columns import Mapping, context_text, resolve_mapping
 from prodtune.config import DataConfig
 from prodtune.errors import UserError
-from prodtune.rawdata import Chunk, Input, Rows, excerpt
+from prodtune.io import excerpt
+from prodtune.rawdata import Chunk, Input, Rows
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
             ".json": "json", ".jsonl": "json", ".ndjson": "json"}
