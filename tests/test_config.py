@@ -162,10 +162,10 @@ def test_validate_collects_every_problem():
         load_config(None, ["data.val_fraction=0.7", "data.test_fraction=0.5", "lora.r=0",
                            "train.batch_size=0", "data.question_templates=no placeholder",
                            "data.sample_size=0", "eval.batch_size=0", "data.chunk_rows=0",
-                           "train.step_tokens=100"])
+                           "train.step_tokens=0"])
     msg = str(e.value)
     for part in ("val_fraction", "lora.r", "train.batch_size", "no placeholder", "data.sample_size",
-                 "eval.batch_size", "data.chunk_rows", "train.step_tokens (100)"):
+                 "eval.batch_size", "data.chunk_rows", "train.step_tokens=0"):
         assert part in msg, part
     assert "\n" not in msg
 

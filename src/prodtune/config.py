@@ -495,9 +495,6 @@ def validate(cfg: Config) -> None:
             problems.append(f"data.question_templates entry {q!r} has no {{title}} placeholder")
     if t.max_steps == -1 and not t.epochs > 0:
         problems.append(f"train.epochs={t.epochs!r} must be > 0 (or set train.max_steps)")
-    if t.step_tokens < t.max_length:
-        problems.append(f"train.step_tokens ({t.step_tokens}) must be >= train.max_length "
-                        f"({t.max_length}): a step holds at least one full-length example")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         problems.append(f"eval.min_new_tokens ({cfg.eval.min_new_tokens}) must be <= eval.max_new_tokens "
                         f"({cfg.eval.max_new_tokens})")
