@@ -1,37 +1,46 @@
-"""Training throughput of prodtune's GPU paths against the plain QLoRA recipe (issue 6).
+"""Training throughput and time to first step of prodtune's GPU paths, the plain recipe and Unsloth.
 
-    python bench/bench_train.py                       # Phi-3-mini shape, random weights, on the GPU
-    python bench/bench_train.py --tiny                # tiny Phi-3 on the CPU: checks the script runs
+    python bench/bench_train.py                       # default configs, Llama-shaped Phi-3-mini, on the GPU
+    python bench/bench_train.py --tiny                # tiny model on the CPU: checks the script runs
     python bench/bench_train.py --configs reference,fast --steps 8 --out /tmp/results
-    python bench/bench_train.py --gpus 1,2,4          # data-parallel scaling of the fast path (issue 7)
+    python bench/bench_train.py --configs unsloth-packed --unsloth-site /tmp/site-unsloth
+    python bench/bench_train.py --gpus 1,2,4          # data-parallel scaling of the fast path
     python bench/bench_train.py --tiny --gpus 1,2     # the same on the CPU, 2 gloo processes: a check
 
-Each configuration runs in its own process (clean peak memory, own compile caches) on the same
-random model (saved once, bf16 safetensors, loaded 4-bit like prodtune's train stage loads it),
-the same synthetic pre-tokenized prompt/completion examples (AmazonTitles-like: ~240 tokens, loss
-on the completion only) and the same TRL SFTTrainer setup train.py builds; the speed paths add
-`prodtune.fast`'s plan, SFTConfig overrides and model preparation. Printed per configuration:
-non-padding tokens/s over the timed steps, mean step time, peak GPU memory, and MFU =
-tokens/s x F x N / 790 TFLOP/s with N = 3.82e9 and F = 4 + 2 x (share of checkpointed layers)
-(2N forward + 2N backward for a frozen base + 2N recomputed forward where checkpointed), and a
-probe loss: the loss of every configuration on the same 8 examples before training.
-Results: <out>/train-<card>.json (default bench/results/).
+Every prodtune configuration runs the train stage's own code: `train.make_plan` settles the plan
+from a TrainConfig (train.step_tokens and all), `models.load_model` loads the base as `prodtune
+train` does, `train.build_trainer` builds the SFTTrainer (SFTConfig, LoRA, fast.prepare) and
+`train.step_clock` times it. Variants that no config key reaches (checkpointing every k-th layer,
+FlexAttention, eager layers) replace fields of the returned SpeedPlan and say so in their name.
+Unsloth configurations load the same model folder with Unsloth's FastLanguageModel and train the
+same data with its SFTTrainer (bench_unsloth.py), in their own process and Python path.
 
-Scaling (--gpus 1,2,4; bench/run_multi.sh): one configuration (default `fast`, prodtune's default
-GPU path) launched with `accelerate launch --num_processes N` on the first N GPUs, N from the
-list. The global batch is kept as `prodtune train` keeps it (16k tokens per optimizer step split
-over the GPUs, prodtune.distributed.split_batch), so every count trains the same samples and the
-loss after warmup + steps optimizer steps is comparable; --per-gpu-batch keeps each GPU's
-one-GPU micro-batch instead (the global batch grows with N: weak scaling, to separate the cost of
-smaller micro-batches from the cost of communication). Printed per count: tokens/s over all GPUs,
-speed-up and scaling efficiency (tokens/s / (N x one-GPU tokens/s)), step time, per-GPU
-micro-batch, peak memory of each GPU, the loss at the last step and its difference to one GPU.
-Results: <out>/scaling-<card>-x<N>.json, all logs in <out>/log-scaling.txt.
+Each configuration runs in its own process, with its own empty compile cache (TORCHINDUCTOR_CACHE_DIR)
+unless --warm-cache: `first_step_s` (model load -> first optimizer step done; the probe below left
+out) is a cold start. Same random model (saved once, bf16 safetensors, loaded 4-bit), same synthetic
+pre-tokenized prompt/completion examples (AmazonTitles-like: ~240 tokens, loss on the completion
+only). The model is Llama-shaped with Phi-3-mini's sizes (--shape llama, the default: Unsloth turns
+Phi-3 into this shape itself, so every row trains the same modules), or Phi-3 (--shape phi3:
+prodtune's users' model, q/k/v fused) or Phi-3-medium (--shape phi3-medium, 14B, for FSDP).
+
+Printed per configuration: non-padding tokens/s over the timed steps, mean step time, first_step_s,
+peak GPU memory, MFU = tokens/s x F x N / 790 TFLOP/s (F = 4 + 2 x share of checkpointed layers),
+a probe loss (every configuration's loss on the same 8 examples before training, no gradients) and
+the loss after the same samples (configurations with the same tokens per step train the same rows
+in the same order). Results: <out>/train-<card>.json (default bench/results/).
+
+Scaling (--gpus 1,2,4; bench/run_scaling.sh): one configuration launched with `accelerate launch
+--num_processes N` on the first N GPUs, N from the list, at the same train.step_tokens (the step is
+shared by the GPUs, so the loss after the same steps is comparable); --per-gpu-batch keeps each
+GPU's one-GPU micro-batch instead. --accelerate-config FILE launches with that accelerate config
+(configs/accelerate/fsdp-qlora.yaml). Results: <out>/scaling-<card>-x<N>.json, logs in
+<out>/log-scaling.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,25 +54,46 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-N_PARAMS = 3.82e9
 DEFAULT_STEP = 16384  # train.step_tokens' default: results at other step sizes are named and grouped apart
 PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this workplace's H100 and H200 (KINDS.md)
+SHAPES = {  # Phi-3-mini-4k's and Phi-3-medium-4k's sizes; N counted from them
+    "llama": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064),
+    "phi3": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064),
+    "phi3-medium": dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=10, vocab_size=32064),
+}
 
-# name -> (train config overrides, SpeedPlan overrides). The plan is what fast.plan picks for the
-# card, then these knobs; "reference" is the original recipe on TRL as is.
-CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "reference": ({"speed": "plain", "batch_size": 2, "grad_accum": 4, "packing": False,
-                   "gradient_checkpointing": True}, {}),
-    "fast": ({"speed": "auto"}, {}),  # the default for the card (H100/H200: every other layer checkpointed)
-    "fast-eager": ({"speed": "fast"}, {"compile": False, "checkpoint_every": 0}),  # as in run 1
-    "fast-ckpt": ({"speed": "fast"}, {"checkpoint_every": 1}),
-    "fast-ckpt2": ({"speed": "fast"}, {"checkpoint_every": 2}),
-    # Compiled without checkpointing: never finished compiling within 150 s on the H200 (twice).
-    "fast-nockpt": ({"speed": "fast"}, {"checkpoint_every": 0}),
-    "fast-nockpt-8k": ({"speed": "fast"}, {"checkpoint_every": 0, "rows": 4, "grad_accum": 2}),
-    "fast-4bit": ({"speed": "fast"}, {"dequantize_once": False, "compile": False}),
-    "small": ({"speed": "small"}, {}),
+# name -> what it runs. train: TrainConfig overrides (the user's knobs); plan: SpeedPlan fields
+# replaced after train.make_plan (variants no config key reaches); cap_gib: a smaller card
+# (torch.cuda.set_per_process_memory_fraction, and the plan picked for that card); t4: the plan a
+# T4 gets (no bf16, no flash attention: fp16 compute, SDPA); unsloth: Unsloth's settings instead.
+CONFIGS: dict[str, dict[str, Any]] = {
+    # The original recipe: 8 examples (2 x 4) per step, padded, 4-bit on the fly, checkpointing, TRL as is.
+    "reference": {"train": {"speed": "plain", "packing": False, "step_tokens": 2048, "batch_size": 2,
+                            "gradient_checkpointing": True}},
+    # TRL as is at prodtune's step (16k tokens: 2 packed rows x 4): the loss baseline for the speed paths.
+    "plain": {"train": {"speed": "plain", "batch_size": 2, "gradient_checkpointing": True}},
+    "fast": {"train": {"speed": "auto"}},  # the default for the card (H200: no checkpointing)
+    "fast-recipe": {"train": {"speed": "auto", "step_tokens": 2048}},  # the original recipe's step, fast path
+    "fast-ckpt2": {"train": {"speed": "fast"}, "plan": {"checkpoint_every": 2}},  # the default of 80 GB cards
+    "fast-ckpt": {"train": {"speed": "fast"}, "plan": {"checkpoint_every": 1}},
+    "fast-eager": {"train": {"speed": "fast"}, "plan": {"compile": False}},
+    "fast-flex": {"train": {"speed": "fast"}, "plan": {"attn_implementation": "flex_attention"}},
+    "small": {"train": {"speed": "small"}},
+    "small-eager": {"train": {"speed": "small"}, "plan": {"compile": False}},
+    "small-8k": {"train": {"speed": "small"}, "plan": {"rows": 4, "grad_accum": 2}},  # 4 rows per micro-batch
+    "fast-adamw": {"train": {"speed": "auto", "optim": "adamw_torch_fused"}},  # 32-bit fused AdamW, one kernel
+    "small-flex": {"train": {"speed": "small"}, "plan": {"attn_implementation": "flex_attention", "compile": False}},
+    "small-l4": {"train": {"speed": "auto"}, "cap_gib": 22.0},  # what an L4 (24 GB) runs, in 22 GiB
+    "small-t4": {"train": {"speed": "auto"}, "cap_gib": 15.0, "t4": True},  # a T4's plan in 15 GiB
+    # Unsloth 2026.10 on the same model and data: the seed notebook's recipe, then packed 8 x 2048.
+    "unsloth-recipe": {"unsloth": {"rows": 2, "accum": 4, "packing": False, "checkpointing": "unsloth"}},
+    "unsloth-packed": {"unsloth": {"rows": 8, "accum": 1, "packing": True, "checkpointing": "unsloth"}},
+    "unsloth-packed-nockpt": {"unsloth": {"rows": 8, "accum": 1, "packing": True, "checkpointing": False}},
 }
 
 
@@ -84,21 +114,32 @@ def synthetic_examples(n: int, vocab: int, scale: float, seed: int = 0) -> list[
     return rows
 
 
-def make_model_dir(folder: Path, tiny: bool) -> Path:
-    """A random-weight Phi-3 (mini's exact shape, or tests/tiny.py's) with the tiny tokenizer."""
+def n_params(shape: str) -> float:
+    """Parameters of a model of `shape` (embeddings and LM head included): the N of 6N."""
+    s = SHAPES[shape]
+    d, f, layers, heads, kv = (s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"],
+                               s["num_attention_heads"], s["num_key_value_heads"])
+    attn = d * d * 2 + 2 * d * (d // heads) * kv
+    return layers * (attn + 3 * d * f) + 2 * s["vocab_size"] * d
+
+
+def make_model_dir(folder: Path, tiny: bool, shape: str = "llama") -> Path:
+    """A random-weight model (`shape`'s sizes, or tests/tiny.py's) with the tiny tokenizer, bf16 safetensors."""
     import torch
-    from tiny import build_phi3, build_tokenizer
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from tiny import build_llama, build_phi3, build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
     tok = build_tokenizer()
     if tiny:
-        model = build_phi3(tok)
+        model = (build_llama if shape == "llama" else build_phi3)(tok)
     else:
-        config = Phi3Config(pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|end|>"),
-                            bos_token_id=tok.eos_token_id)  # defaults are Phi-3-mini-4k's shape
+        cls, config_cls = (LlamaForCausalLM, LlamaConfig) if shape == "llama" else (Phi3ForCausalLM, Phi3Config)
+        config = config_cls(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|end|>"),
+                            bos_token_id=tok.eos_token_id)
         torch.manual_seed(0)
         with torch.device("cuda"):
-            model = Phi3ForCausalLM(config).to(torch.bfloat16)
+            model = cls(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
@@ -107,114 +148,123 @@ def make_model_dir(folder: Path, tiny: bool) -> Path:
     return folder
 
 
+def pretend_card(cap_gib: float | None, t4: bool) -> Any:
+    """Make this process run as on a smaller card: its memory capped at `cap_gib` (and the plan chosen
+    for that memory); with `t4`, no bf16 (fp16 compute, as models.compute_dtype picks on a T4). Returns
+    a context in which the card also reports a T4's compute capability (the plan: no flash attention),
+    only while planning: kernels compiled for sm75 would not load on this card."""
+    import contextlib
+    from unittest import mock
+
+    import torch
+
+    from prodtune import fast
+
+    if cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total))
+        fast.card_memory_gib = lambda device=None: cap_gib
+    if not t4:
+        return contextlib.nullcontext()
+    torch.cuda.is_bf16_supported = lambda *a, **k: False
+    return mock.patch.object(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+
+
 # ----------------------------------------------------------------------------- one configuration
 
 def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int,
-               scaling: bool = False, per_gpu_batch: bool = False, step_tokens: int = DEFAULT_STEP) -> dict | None:
-    """Time one configuration in this process (one rank of several under accelerate launch);
-    the result on rank 0, None on the others."""
+               scaling: bool = False, per_gpu_batch: bool = False, step_tokens: int = DEFAULT_STEP,
+               shape: str = "llama") -> dict | None:
+    """Time one prodtune configuration in this process (one rank of several under accelerate
+    launch) through the train stage's own plan and trainer; the result on rank 0, None on the others."""
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from datasets import Dataset
 
-    from prodtune import distributed, fast, models
+    from prodtune import distributed, models, train
     from prodtune.config import LoraConfig, ModelConfig, TrainConfig
 
+    spec = CONFIGS[name]
     processes = distributed.world_size()  # joins the process group under accelerate launch
     t0 = time.perf_counter()
 
     def mark(what: str) -> None:  # where a launch's time goes (model load, compile, ...), in its log
         print(f"[rank {distributed.process_index()} +{time.perf_counter() - t0:.1f} s] {what}", flush=True)
-    train_over, plan_over = CONFIGS[name]
+
     cuda = torch.cuda.is_available() and not tiny
-    device = "cuda" if cuda else "cpu"
-    train_cfg = dataclasses.replace(TrainConfig(max_length=256 if tiny else 2048, device=device,
-                                                step_tokens=step_tokens), **train_over)
-    model_cfg = ModelConfig(name_or_path=str(model_dir), load_in_4bit=True,
-                            dtype="auto" if cuda else "float32")
+    planning = pretend_card(spec.get("cap_gib"), spec.get("t4", False)) if cuda else contextlib.nullcontext()
+    if per_gpu_batch:
+        step_tokens *= processes  # each GPU keeps the one-GPU micro-batch: N times the tokens per step
+    train_cfg = TrainConfig(
+        max_length=256 if tiny else 2048, device="cuda" if cuda else "cpu", step_tokens=step_tokens,
+        max_steps=warmup + steps + (1 if os.environ.get("BENCH_PROFILE") == name and cuda else 0),
+        logging_steps=1, eval_steps=0, save_steps=10**9, optim="adamw_8bit" if cuda else "adamw_torch")
+    train_cfg = dataclasses.replace(train_cfg, **spec.get("train", {}))
+    if tiny:
+        train_cfg = dataclasses.replace(train_cfg, step_tokens=max(256, train_cfg.step_tokens // 8), device="cpu",
+                                        gradient_checkpointing=False,
+                                        speed="plain" if train_cfg.speed == "plain" else "auto")
+    model_cfg = ModelConfig(name_or_path=str(model_dir), load_in_4bit=True, dtype="auto" if cuda else "float32")
     lora_cfg = LoraConfig()  # r=32, alpha=64, all-linear
 
+    n_examples = n_examples * max(1, step_tokens // DEFAULT_STEP)  # the same number of steps per epoch
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    scale = 0.25 if tiny else 1.0
+    data = Dataset.from_list(synthetic_examples(n_examples, vocab, scale))
+    probe = synthetic_examples(8, vocab, scale, seed=1)
+    with planning:
+        plan = train.make_plan(train_cfg, model_cfg, example_tokens=train.mean_example_tokens(data, None, 2048))
+    if tiny and plan.speed == "plain" and train_cfg.speed != "plain":
+        # No speed path on a CPU: exercise its components (packing, varlen attention's CPU reference,
+        # dequantize-once) in fp32, 2 rows per micro-batch, the step shared by the processes.
+        from prodtune import fast
+
+        batch = distributed.split_batch(2, max(1, step_tokens // DEFAULT_STEP), processes)
+        speed = fast.SpeedPlan("fast", "cpu check", rows=batch.per_device, max_length=train_cfg.max_length,
+                               grad_accum=batch.accum, checkpoint_every=0, dequantize_once=True,
+                               attn_implementation=fast.VARLEN)
+        plan = dataclasses.replace(plan, speed="fast", speed_plan=speed, packing=True, batch=batch)
+    if spec.get("plan") and plan.speed != "plain":
+        plan = dataclasses.replace(plan, speed_plan=dataclasses.replace(plan.speed_plan, **spec["plan"]))
+        plan = dataclasses.replace(plan, gradient_checkpointing=plan.speed_plan.checkpoint_every > 0)
+
+    t_load = time.perf_counter()
+    tok = models.load_tokenizer(model_cfg, str(model_dir))
+    model = models.load_model(model_cfg, plan.device, training=True, path=str(model_dir),
+                              gradient_checkpointing=plan.gradient_checkpointing)
+    model_load_s = time.perf_counter() - t_load
+    mark(f"model loaded ({model_load_s:.1f} s)")
+    clock = train.step_clock(t_load, cuda)
+    losses = Losses()
+    trainer = train.build_trainer(model, tok, data, None, lora_cfg, train_cfg, plan,
+                                  Path(tempfile.mkdtemp(prefix="bench-train-")), callbacks=[clock, losses])
+    if os.environ.get("BENCH_PROFILE") == name and cuda:
+        trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
+    mark("trainer ready")
+    probe_start = time.perf_counter()
+    probe_loss = probe_batch_loss(trainer, trainer.data_collator, probe, cuda)
+    probe_s = time.perf_counter() - probe_start
     if cuda:
-        speed = fast.plan(train_cfg, model_cfg, device)
-    else:
-        # No speed path on a CPU: exercise the same components with the CPU's attention and dtype.
-        speed = (fast.SpeedPlan("plain", "cpu") if train_cfg.speed == "plain" else
-                 fast.SpeedPlan("fast", "cpu check", rows=2, max_length=train_cfg.max_length,
-                                grad_accum=max(1, step_tokens // DEFAULT_STEP),  # split over processes as on GPUs
-                                dequantize_once=True, attn_implementation="sdpa"))
-    if plan_over and speed.path != "plain":
-        speed = dataclasses.replace(speed, **plan_over)
-    # Several processes share one optimizer step as `prodtune train` does (train.make_plan),
-    # unless --per-gpu-batch keeps the one-GPU micro-batch on every GPU.
-    if speed.path != "plain":
-        split = distributed.split_batch(speed.rows, speed.grad_accum, 1 if per_gpu_batch else processes)
-        speed = dataclasses.replace(speed, rows=split.per_device, grad_accum=split.accum)
-    else:
-        split = distributed.split_batch(train_cfg.batch_size, train_cfg.grad_accum,
-                                        1 if per_gpu_batch else processes)
-        train_cfg = dataclasses.replace(train_cfg, batch_size=split.per_device, grad_accum=split.accum)
-    ckpt = speed.checkpoint_every > 0 if speed.path != "plain" else bool(train_cfg.gradient_checkpointing)
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    mark("trained")
+    return result_row(name, plan.speed_plan.describe(), getattr(trainer, "prodtune_speed", {}), clock,
+                      warmup, steps, cuda, probe_loss, losses.losses,
+                      first_step_s=clock.first_step_s - probe_s, model_load_s=model_load_s,
+                      flops_factor=(plan.speed_plan.flops_factor if plan.speed != "plain"
+                                    else 6.0 if plan.gradient_checkpointing else 4.0), shape=shape,
+                      extra={"processes": processes, "per_device_batch": plan.batch.per_device,
+                             "grad_accum": plan.batch.accum, "global_batch": plan.batch.global_batch,
+                             "per_gpu_batch_kept": per_gpu_batch, "step_tokens": plan.step_tokens,
+                             "step_examples": round(plan.step_examples or 0, 2), "users_clock": clock.summary(),
+                             "cap_gib": spec.get("cap_gib"), "t4_plan": spec.get("t4", False),
+                             "precision": plan.precision, "compile": compile_stats()})
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = models.load_model(model_cfg, device, training=True, gradient_checkpointing=ckpt, path=str(model_dir))
-    mark("model loaded")
-    vocab = model.config.vocab_size
-    from datasets import Dataset
 
-    if per_gpu_batch:
-        n_examples *= processes  # N times the tokens per step: the same number of steps per epoch
-    n_examples = n_examples * max(1, step_tokens // DEFAULT_STEP)  # likewise for bigger steps
-    data = Dataset.from_list(synthetic_examples(n_examples, vocab, 0.25 if tiny else 1.0))
-    probe = synthetic_examples(8, vocab, 0.25 if tiny else 1.0, seed=1)
-    targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
-    t = train_cfg
-    args = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench-train-"),
-        max_steps=warmup + steps + (1 if os.environ.get("BENCH_PROFILE") == name and cuda else 0),
-        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay, optim=t.optim if cuda else "adamw_torch", max_grad_norm=t.max_grad_norm,
-        seed=t.seed, max_length=t.max_length, packing=False, completion_only_loss=True,
-        gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
-        bf16=cuda, fp16=False, use_cpu=not cuda, logging_steps=1 if scaling else 10**6, eval_strategy="no",
-        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, **distributed.DDP_ARGS)
-    args.update(fast.sft_overrides(speed, train_cfg))
-    if not cuda and speed.path != "plain":
-        args["gradient_checkpointing"], args["gradient_checkpointing_kwargs"] = False, None
-    trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=data, processing_class=tok,
-                         peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets))
-    prepared = fast.prepare(trainer.model, speed) if speed.path != "plain" else {}
+def Losses() -> Any:
+    """A callback keeping the training loss of each optimizer step (the Trainer's mean over processes)."""
+    from transformers import TrainerCallback
 
-    counts: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(features: list[dict]) -> dict:
-        counts.append(sum(len(f["input_ids"]) for f in features))  # real tokens, before padding
-        return collate(features)
-
-    trainer.data_collator = counting_collator
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            sync()
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            self.marks.append(time.perf_counter())
-            if len(self.marks) <= 3:
-                mark(f"step {state.global_step} done")
-
-    class Losses(TrainerCallback):
-        """The training loss of each optimizer step (the Trainer's mean over all processes)."""
-
+    class _Losses(TrainerCallback):
         def __init__(self) -> None:
             self.losses: list[float] = []
 
@@ -222,57 +272,57 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
             if logs and "loss" in logs:
                 self.losses.append(round(float(logs["loss"]), 5))
 
-    timer, losses = Timer(), Losses()
-    trainer.add_callback(timer)
-    trainer.add_callback(losses)
-    if os.environ.get("BENCH_PROFILE") == name and cuda:
-        trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
+    return _Losses()
 
-    mark("trainer ready")
-    probe_loss = probe_batch_loss(trainer, collate, probe, cuda)
-    mark("probe done (first compile)")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    trainer.train()
-    mark("trained")
-    wall = time.perf_counter() - started
 
-    accum = args["gradient_accumulation_steps"]
-    marks = timer.marks  # DDP's all-reduce in every backward keeps the processes in step
-    timed = marks[warmup + steps] - marks[warmup]
+def compile_stats() -> dict[str, Any]:
+    """How many graphs dynamo compiled and where its compile time went (empty without compiling)."""
+    try:
+        from torch._dynamo.utils import compile_times, counters
+    except ImportError:
+        return {}
+    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "frames_compiled": counters["frames"].get("ok", 0),
+            "times": compile_times(repr="str", aggregate=True)[-2000:]}
+
+
+def result_row(name: str, plan: str, prepared: dict, clock: Any, warmup: int, steps: int, cuda: bool,
+               probe_loss: float | None, losses: list[float], *, first_step_s: float,
+               model_load_s: float, flops_factor: float, shape: str, extra: dict) -> dict | None:
+    """The JSON row of one configuration (rank 0), from the step clock: the seconds and the non-padding
+    tokens (the Trainer's count over all processes) of each optimizer step."""
+    import torch
+
+    from prodtune import distributed
+
+    marks = [s for s, _ in clock.steps]
     n_steps = warmup + steps
-    # Real tokens of the timed steps and of all steps, summed over the processes.
-    tokens = sum(distributed.gather(sum(counts[warmup * accum:n_steps * accum])))
-    trained = sum(distributed.gather(sum(counts[:n_steps * accum])))
+    timed = sum(marks[warmup:n_steps])
+    tokens, trained = sum(t for _, t in clock.steps[warmup:n_steps]), sum(t for _, t in clock.steps[:n_steps])
     peaks = distributed.gather((round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                 round(torch.cuda.max_memory_reserved() / 2**30, 2)) if cuda else (None, None))
     if not distributed.is_main_process():
         return None
-    tps = tokens / timed
-    factor = speed.flops_factor if speed.path != "plain" else (6.0 if ckpt else 4.0)
-    step_times = [b - a for a, b in zip(marks, marks[1:])]
+    tps = tokens / timed if timed else 0.0
+    processes = extra.get("processes", 1)
     return {
-        "config": name,
-        "plan": speed.describe(),
-        "prepared": prepared,
-        "processes": processes,
-        "per_device_batch": split.per_device, "grad_accum": split.accum, "global_batch": split.global_batch,
-        "per_gpu_batch_kept": per_gpu_batch, "step_tokens": step_tokens,
+        "config": name, "plan": plan, "prepared": prepared, **extra,
         "tokens_per_s": round(tps, 1),
         "step_s": round(timed / steps, 4),
         "tokens_per_step": round(tokens / steps, 1),
-        "step_times_s": [round(s, 3) for s in step_times],
+        "first_step_s": round(first_step_s, 1),
+        "model_load_s": round(model_load_s, 1),
+        "step_times_s": [round(s, 3) for s in marks],
         "peak_alloc_gib": max((a for a, _ in peaks), default=None) if cuda else None,
         "peak_reserved_gib": max((r for _, r in peaks), default=None) if cuda else None,
         "peak_alloc_gib_per_gpu": [a for a, _ in peaks] if cuda else None,
-        "flops_per_token": f"{factor:g}N",
-        "mfu": round(tps * factor * N_PARAMS / PEAK_FLOPS / processes, 4),  # per GPU
+        "flops_per_token": f"{flops_factor:g}N",
+        "mfu": round(tps * flops_factor * n_params(shape) / PEAK_FLOPS / processes, 4),  # per GPU
         "probe_loss": probe_loss,
-        "losses": losses.losses,
-        "final_loss": losses.losses[-1] if losses.losses else None,
+        "losses": losses,
+        "final_loss": losses[-1] if losses else None,
         "tokens_trained": trained,  # over all warmup + timed steps: the samples behind final_loss
-        "warmup_steps": warmup, "timed_steps": steps, "wall_s": round(wall, 1),
+        "warmup_steps": warmup, "timed_steps": steps,
     }
 
 
@@ -300,15 +350,17 @@ def Profiler(step: int) -> Any:
 
 
 def probe_batch_loss(trainer: Any, collate: Any, probe: list[dict], cuda: bool) -> float:
-    """Loss on the same 8 examples for every configuration, before any update (LoRA B = 0)."""
+    """Loss on the same 8 examples for every configuration, before any update (LoRA B = 0), without
+    gradients: compiled layers run eagerly then, so the first training step still pays the compile."""
     import torch
 
     feats = [{"input_ids": p["input_ids"],
               "labels": [i if m else -100 for i, m in zip(p["input_ids"], p["completion_mask"])]} for p in probe]
     batch = {k: (v.to(trainer.model.device) if hasattr(v, "to") else v) for k, v in collate(feats).items()}
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    trainer.model.train()  # the mode training runs in: compiled layers are not compiled twice
-    with ctx:
+    dtype = torch.float16 if trainer.args.fp16 else torch.bfloat16
+    ctx = torch.autocast("cuda", dtype=dtype) if cuda else torch.autocast("cpu", enabled=False)
+    trainer.model.train()
+    with ctx, torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
     return round(float(loss.detach()), 5)
 
@@ -357,26 +409,32 @@ def versions() -> dict[str, str]:
 
 
 def table(results: list[dict]) -> str:
+    """One row per configuration: speed, time to first step, memory, MFU, probe and final loss."""
     ref = next((r["tokens_per_s"] for r in results if r["config"] == "reference" and "tokens_per_s" in r), None)
-    lines = [f"{'config':16} {'tok/s':>9} {'x ref':>6} {'step s':>7} {'tok/step':>9} {'peak GiB':>8} "
-             f"{'FLOPs':>5} {'MFU':>6} {'probe':>8}"]
+    lines = [f"{'config':22} {'tok/s':>8} {'x ref':>6} {'step s':>7} {'tok/step':>8} {'1st step s':>10} "
+             f"{'load s':>6} {'peak GiB':>8} {'FLOPs':>5} {'MFU':>6} {'probe':>8} {'loss@end':>9}"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['config']:16} FAILED: {r['error'][-200:]}")
+            lines.append(f"{r['config']:22} FAILED: {r['error'][-300:]}")
             continue
         x = f"{r['tokens_per_s'] / ref:.1f}" if ref else "-"
-        lines.append(f"{r['config']:16} {r['tokens_per_s']:9.0f} {x:>6} {r['step_s']:7.3f} {r['tokens_per_step']:9.0f} "
+        probe = f"{r['probe_loss']:.4f}" if r.get("probe_loss") is not None else "-"
+        lines.append(f"{r['config']:22} {r['tokens_per_s']:8.0f} {x:>6} {r['step_s']:7.3f} {r['tokens_per_step']:8.0f} "
+                     f"{r['first_step_s']:10.1f} {r['model_load_s']:6.1f} "
                      f"{r['peak_alloc_gib'] if r['peak_alloc_gib'] is not None else '-':>8} {r['flops_per_token']:>5} "
-                     f"{r['mfu']:6.1%} {r['probe_loss']:8.4f}")
+                     f"{r['mfu']:6.1%} {probe:>8} {r['final_loss'] if r['final_loss'] is not None else '-':>9}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- scaling over GPUs
 
-def launch_command(n: int, tiny: bool) -> list[str]:
-    """`accelerate launch` for n processes (one per GPU; gloo processes on a CPU with --tiny)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
+def launch_command(n: int, tiny: bool, config_file: str | None = None) -> list[str]:
+    """`accelerate launch` for n processes (one per GPU; gloo processes on a CPU with --tiny), with
+    an accelerate config file (FSDP) when given."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1"]
+    if config_file:
+        return cmd + ["--config_file", config_file, "--main_process_port", "29511"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     if n > 1:
         cmd += ["--multi_gpu", "--main_process_port", "0"]  # torchrun underneath; a free port
     return cmd
@@ -409,12 +467,12 @@ def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict,
         elif left < need:
             result = {**base, "error": f"skipped: {left:.0f} s of the time budget left, a launch takes ~{need:.0f} s"}
         else:
-            cmd = launch_command(n, a.tiny) + [
+            cmd = launch_command(n, a.tiny, a.accelerate_config) + [
                 __file__, "--worker", name, "--model-dir", str(model_dir), "--warmup", str(warmup),
                 "--steps", str(steps), "--examples", str(n_examples), "--scaling"]
             cmd += ["--tiny"] if a.tiny else []
             cmd += ["--per-gpu-batch"] if per_gpu else []
-            cmd += ["--step-tokens", str(a.step_tokens)]
+            cmd += ["--step-tokens", str(a.step_tokens), "--shape", a.shape]
             env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             if not a.tiny:
                 env["CUDA_VISIBLE_DEVICES"] = visible_gpus(n)
@@ -493,18 +551,49 @@ def summarize(folder: Path) -> None:
         print(scaling_table(results, one))
 
 
+def worker_env(name: str, a: argparse.Namespace, cache_root: Path) -> dict[str, str]:
+    """The environment of one configuration's process: its own empty compile cache (a cold start)
+    unless --warm-cache, and Unsloth's install first on the path for Unsloth configurations."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    if not a.warm_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / name)
+    if CONFIGS[name].get("unsloth"):
+        if not a.unsloth_site:
+            raise SystemExit(f"{name}: give --unsloth-site (Unsloth's install, see bench_unsloth.py)")
+        env["PYTHONPATH"] = os.pathsep.join([a.unsloth_site, env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_worker(cmd: list[str], env: dict[str, str], timeout: int, name: str) -> tuple[dict, str]:
+    """One configuration's process: its RESULT line (or the error) and its output."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        return (json.loads(line[7:]) if line else {"config": name, "error": out[-3000:]}), out
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        return {"config": name, "error": f"timeout after {timeout} s"}, out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny random Phi-3 on the CPU (a check, not a timing)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a check, not a timing)")
     ap.add_argument("--configs", default=None, help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--shape", default="llama", choices=list(SHAPES),
+                    help="the random model: llama (Phi-3-mini sizes, Unsloth's shape), phi3, phi3-medium (14B)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (compilation happens here)")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps")
     ap.add_argument("--examples", type=int, default=None, help="synthetic training examples")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for train-<card>.json")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="share the compile cache between configurations (default: each starts cold)")
+    ap.add_argument("--unsloth-site", default=None, help="folder Unsloth is installed in (pip --target)")
     ap.add_argument("--gpus", default=None,
                     help="scaling: comma list of GPU counts for one config, e.g. 1,2,4; '4p' = 4 GPUs each "
                          "keeping the one-GPU micro-batch (global batch x 4)")
+    ap.add_argument("--accelerate-config", default=None, help="scaling: accelerate config file (e.g. FSDP)")
     ap.add_argument("--budget", type=int, default=0,
                     help="scaling: seconds from the start for everything; launches that would overrun are skipped")
     ap.add_argument("--per-gpu-batch", action="store_true", help=argparse.SUPPRESS)
@@ -512,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="train.step_tokens: tokens per optimizer step shared by all GPUs (65536: every one of "
                          "4 GPUs keeps a full 16k micro-batch)")
     ap.add_argument("--summarize", default=None, metavar="DIR", help="print the scaling-*.json of DIR as one table")
-    ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", default=None, help="an existing model folder (default: a new random one)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scaling", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -522,14 +611,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.gpus and not a.configs:
         a.configs = "fast-eager" if a.tiny else "fast"
-    names = (a.configs or ("reference,fast-eager" if a.tiny else "reference,fast,small")).split(",")
+    names = (a.configs or ("reference,fast,small" if a.tiny else "reference,plain,fast,small")).split(",")
     warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 2)
-    steps = a.steps if a.steps is not None else (2 if a.tiny else 6)
+    steps = a.steps if a.steps is not None else (2 if a.tiny else 5)
     n_examples = a.examples or (64 if a.tiny else 1200)
 
     if a.worker:
-        result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples,
-                            scaling=a.scaling, per_gpu_batch=a.per_gpu_batch, step_tokens=a.step_tokens)
+        if CONFIGS[a.worker].get("unsloth"):
+            from bench_unsloth import run_unsloth  # before anything imports transformers
+
+            result = run_unsloth(a.worker, CONFIGS[a.worker]["unsloth"], Path(a.model_dir), warmup, steps, n_examples)
+        else:
+            result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples, scaling=a.scaling,
+                                per_gpu_batch=a.per_gpu_batch, step_tokens=a.step_tokens, shape=a.shape)
         if result is not None:  # rank 0
             print("RESULT " + json.dumps(result), flush=True)
         return
@@ -539,15 +633,18 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     card = card_name() if not a.tiny else "cpu-tiny"
     header = {"card": card, "versions": versions(), "matmul_tflops": matmul_tflops() if not a.tiny else None,
-              "n_params": N_PARAMS, "peak_flops_for_mfu": PEAK_FLOPS, "warmup": warmup, "steps": steps}
+              "shape": a.shape, "n_params": n_params(a.shape), "peak_flops_for_mfu": PEAK_FLOPS,
+              "warmup": warmup, "steps": steps, "cold_start": not a.warm_cache}
     if card != "cpu-tiny":
         import torch
 
         header["device"] = torch.cuda.get_device_name()
     print(json.dumps(header), flush=True)
     results = []
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
-        model_dir = Path(a.model_dir) if a.model_dir else make_model_dir(Path(tmp), a.tiny)
+        model_dir = Path(a.model_dir) if a.model_dir else make_model_dir(Path(tmp), a.tiny, a.shape)
         if a.gpus:
             if len(names) != 1:
                 ap.error("--gpus times one configuration; give one name in --configs")
@@ -557,29 +654,21 @@ def main(argv: list[str] | None = None) -> None:
                   f"{'processes' if a.tiny else 'GPUs'}, {warmup} warm-up + {steps} timed steps")
             print(scaling_table(results))
             return
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         for name in names:
-            cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+            cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir), "--shape", a.shape,
                    "--warmup", str(warmup), "--steps", str(steps), "--examples", str(n_examples)]
-            if a.tiny:
-                cmd.append("--tiny")
-            started = time.time()
-            try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-                out = proc.stdout + proc.stderr
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                result = json.loads(line[7:]) if line else {"config": name, "error": out[-3000:]}
-            except subprocess.TimeoutExpired as e:
-                out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-                result = {"config": name, "error": f"timeout after {a.timeout} s"}
-            result["process_s"] = round(time.time() - started, 1)
-            Path(a.out).mkdir(parents=True, exist_ok=True)
-            (Path(a.out) / f"log-{name}.txt").write_text(out)
+            cmd += ["--tiny"] if a.tiny else []
+            begun = time.time()
+            result, text = run_worker(cmd, worker_env(name, a, Path(tmp) / "compile-cache"), a.timeout, name)
+            result["process_s"] = round(time.time() - begun, 1)
+            with open(out / f"log-train-{card}.txt", "a", encoding="utf-8") as f:
+                f.write(f"\n===== {name}: {' '.join(cmd)}\n{text}")
             results.append(result)
             print(json.dumps(result), flush=True)
-            (Path(a.out) / f"train-{card}.json").write_text(json.dumps({**header, "results": results}, indent=2))
-    print(f"\n{card} ({header.get('device', 'cpu')}); MFU at {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
-          f"N = {N_PARAMS:.3g}; matmul measured {header['matmul_tflops']} TFLOP/s")
+            (out / f"train-{card}.json").write_text(json.dumps({**header, "results": results}, indent=2))
+    print(f"\n{card} ({header.get('device', 'cpu')}), {a.shape} shape, N = {n_params(a.shape):.3g}; "
+          f"{'cold' if not a.warm_cache else 'shared'} compile caches; MFU at {PEAK_FLOPS / 1e12:.0f} TFLOP/s; "
+          f"matmul measured {header['matmul_tflops']} TFLOP/s")
     print(table(results))
 
 

@@ -1,19 +1,48 @@
 #!/usr/bin/env bash
-# One accelerator-machine session for issue 6: environment check, the GPU tests of the speed path,
-# then bench_train.py (reference and speed paths in the same process tree, same card).
-# Usage (on the device, after installing .whl/ as ../shared/tools/device-wheels.sh prints):
-#   bash bench/run_device.sh [CONFIGS] [STEPS]        # writes everything under $OUT
+# One accelerator-machine call: the wheels, the random model (kept in /tmp between calls on a warm
+# machine), bench_train.py's configurations (each in its own process, cold compile cache), then the
+# GPU-marked tests if time is left. Everything lands under $OUT; the table is printed last.
+# WARM_PAIR=1 first runs `fast` twice on one compile cache (cold, then warm).
+# Usage on the device, from this checkout's root (.whl/ and .whl-unsloth/ from
+# ../shared/tools/device-wheels.sh, carried beside it):
+#   CONFIGS=fast,small,unsloth-packed BUDGET=540 TESTS=1 bash bench/run_device.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+start=$SECONDS
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+WHEELS=${WHEELS:-.whl}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCH_LOGS=recompiles BENCH_PROFILE=${BENCH_PROFILE:-fast}
-card=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)
-echo "card: $card"
-if [[ -z "${1:-}" ]]; then
-  configs=reference,fast,fast-ckpt,small
-else configs=$1; fi
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCH_LOGS=${TORCH_LOGS:-recompiles}
+[[ -d /tmp/site/trl ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$WHEELS"/*.whl || exit 1
+if [[ -d "$WHEELS-unsloth" && ! -d /tmp/site-unsloth/unsloth ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site-unsloth "$WHEELS-unsloth"/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1
 python3 -c 'import torch, transformers, trl, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__)'
-[[ -n "${GPU_TESTS:-}" ]] && timeout 240 python3 -m pytest -q -m gpu tests/test_fast.py -k "True" -p no:cacheprovider 2>&1 | tail -15
-timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_train.py --configs "$configs" --steps "${2:-5}" --warmup 2 \
-  --timeout 200 --out "$OUT"
+shape=${SHAPE:-llama}
+model=/tmp/model-$shape
+[[ -f $model/config.json ]] || python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('$model'), False, '$shape')"
+echo "model ready at $((SECONDS - start)) s"
+tests_s=$([[ -n "${TESTS:-}" ]] && echo "${TESTS_TIMEOUT:-120}" || echo 0)
+if [[ -n "${WARM_PAIR:-}" ]]; then
+  # Two `fast` processes sharing prodtune's compile cache (~/.cache/prodtune/compile), empty at first:
+  # the first compiles (a cold start), the second loads what the first compiled.
+  rm -rf ~/.cache/prodtune/compile
+  timeout 200 python3 bench/bench_train.py --configs fast,fast --warm-cache --shape "$shape" --model-dir "$model" \
+    --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" --timeout 100 --out "$OUT/warm" > "$OUT/bench-warm.log" 2>&1
+  echo "warm pair rc $? at $((SECONDS - start)) s"; tail -4 "$OUT/bench-warm.log"
+fi
+left=$(( ${BUDGET:-540} - (SECONDS - start) - tests_s ))
+timeout "$left" python3 bench/bench_train.py --configs "${CONFIGS:-fast,small,reference,plain}" --shape "$shape" \
+  --model-dir "$model" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" --timeout "${CONFIG_TIMEOUT:-150}" \
+  --unsloth-site /tmp/site-unsloth --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+echo "bench rc $? at $((SECONDS - start)) s"
+if [[ -n "${TESTS:-}" ]]; then
+  timeout "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast.py tests/test_train.py \
+    > "$OUT/gpu-tests.log" 2>&1
+  tail -4 "$OUT/gpu-tests.log"
+fi
+grep -E "^\{" "$OUT/bench.log" | cut -c1-300 | tail -20
+tail -22 "$OUT/bench.log"

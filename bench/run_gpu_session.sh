@@ -16,11 +16,11 @@ CUDA_VISIBLE_DEVICES=3 timeout 240 python3 bench/bench_generate.py --batch-size 
   --out "$OUT/generate-${card:-gpu}.json" > "$OUT/generate.log" 2>&1 &
 g=$!
 # The random Phi-3-mini-shaped model, saved once for every launch below.
-python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('/tmp/phi3'), False)"
+python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('/tmp/phi3'), False, 'phi3')"
 # One GPU first (GPU 0) while the two jobs above use GPUs 2 and 3; then 4 and 2 GPUs once they end.
-python3 bench/bench_train.py --gpus 1 --model-dir /tmp/phi3 --warmup 3 --steps 5 --timeout 180 --out "$OUT" 2>&1 | tee "$OUT/log-scaling.txt"
+python3 bench/bench_train.py --gpus 1 --shape phi3 --model-dir /tmp/phi3 --warmup 3 --steps 5 --timeout 180 --out "$OUT" 2>&1 | tee "$OUT/log-scaling.txt"
 wait $t $g
-python3 bench/bench_train.py --gpus 4,2 --model-dir /tmp/phi3 --warmup 3 --steps 5 --timeout 180 --budget 330 --out "$OUT" 2>&1 | tee -a "$OUT/log-scaling.txt"
+python3 bench/bench_train.py --gpus 4,2 --shape phi3 --model-dir /tmp/phi3 --warmup 3 --steps 5 --timeout 180 --budget 330 --out "$OUT" 2>&1 | tee -a "$OUT/log-scaling.txt"
 echo "===== gpu tests"; tail -15 "$OUT/gpu-tests.log"
 echo "===== generate"; tail -25 "$OUT/generate.log"
 echo "===== scaling"; python3 bench/bench_train.py --summarize "$OUT"

@@ -27,7 +27,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src
   # Everything below must end by ~390 s after the start: the bench skips launches that would overrun.
   budget=$((385 - (SECONDS - start)))
   timeout $((budget + 15)) python3 bench/bench_train.py --gpus "${1:-1,4,2,4p,2p}" --warmup "${2:-3}" \
-    --steps "${3:-5}" --timeout 180 --budget "$budget" --out "$OUT" ${BENCH_ARGS:-}
+    --steps "${3:-5}" --timeout 180 --budget "$budget" --shape phi3 --out "$OUT" ${BENCH_ARGS:-}
   echo
   echo "===== summary ($((SECONDS - start)) s)"
   python3 bench/bench_train.py --summarize "$OUT"

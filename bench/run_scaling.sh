@@ -20,14 +20,14 @@ python3 -c 'import torch, transformers, trl, peft, accelerate, bitsandbytes as b
 model_args=()
 if [[ " ${BENCH_ARGS:-} " != *" --tiny "* ]]; then
   # The random Phi-3-mini-shaped model, saved once (kept on a warm machine) for every launch.
-  [[ -f /tmp/phi3/config.json ]] || python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('/tmp/phi3'), False)"
+  [[ -f /tmp/phi3/config.json ]] || python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('/tmp/phi3'), False, 'phi3')"
   model_args=(--model-dir /tmp/phi3)
   echo "model ready at $((SECONDS - start)) s"
 fi
 budget=$(( ${BUDGET:-420} - (SECONDS - start) ))
 timeout $((budget + 20)) python3 bench/bench_train.py --gpus "${GPUS:-1,4,2}" --step-tokens "${STEP_TOKENS:-65536}" \
   --warmup "${WARMUP:-3}" --steps "${STEPS:-5}" --timeout 300 --budget "$budget" --out "$OUT" \
-  "${model_args[@]}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/run_scaling.log"
+  --shape phi3 "${model_args[@]}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/run_scaling.log"
 if [[ -n "${TESTS:-}" ]]; then
   echo "===== GPU tests ($((SECONDS - start)) s)"
   CUDA_VISIBLE_DEVICES=0 timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider \

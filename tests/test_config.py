@@ -40,8 +40,22 @@ def test_phi3_qlora_is_the_original_recipe():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (32, 64, 0.0, "all-linear")
     t = cfg.train
     assert (t.learning_rate, t.lr_scheduler, t.warmup_steps, t.epochs) == (2e-4, "linear", 10, 1.0)
-    assert (t.batch_size, t.grad_accum, t.optim, t.weight_decay) == (2, 4, "adamw_8bit", 0.01)
-    assert (t.seed, t.max_length, cfg.data.sample_size) == (3407, 2048, 100_000)
+    assert (t.optim, t.weight_decay, t.seed, t.max_length, cfg.data.sample_size) == (
+        "adamw_8bit", 0.01, 3407, 2048, 100_000)
+    # The one change, said in the file: 16k tokens per step on a GPU; the original 2 x 4 examples
+    # is one override away (AmazonTitles examples average ~240 tokens).
+    assert t.step_tokens == 16384
+    from prodtune.train import make_plan
+
+    original = load_config(next(p for p in CONFIGS if p.name == "phi3-qlora.yaml"),
+                           ["train.step_tokens=2048", "train.speed=plain", "train.packing=false", "train.device=cpu"])
+    batch = make_plan(original.train, original.model, example_tokens=240).batch
+    assert (batch.per_device, batch.accum) == (2, 4)
+
+
+def test_retired_grad_accum_names_its_replacement(tmp_path):
+    with pytest.raises(UserError, match=r"train.grad_accum \(gone: set train.step_tokens"):
+        load_config(None, ["train.grad_accum=4"])
 
 
 def test_unknown_keys_all_listed_at_once_nested_too(tmp_path):
@@ -148,10 +162,10 @@ def test_validate_collects_every_problem():
         load_config(None, ["data.val_fraction=0.7", "data.test_fraction=0.5", "lora.r=0",
                            "train.batch_size=0", "data.question_templates=no placeholder",
                            "data.sample_size=0", "eval.batch_size=0", "data.chunk_rows=0",
-                           "train.step_tokens=100"])
+                           "train.step_tokens=0"])
     msg = str(e.value)
     for part in ("val_fraction", "lora.r", "train.batch_size", "no placeholder", "data.sample_size",
-                 "eval.batch_size", "data.chunk_rows", "train.step_tokens (100)"):
+                 "eval.batch_size", "data.chunk_rows", "train.step_tokens=0"):
         assert part in msg, part
     assert "\n" not in msg
 

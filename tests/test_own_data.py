@@ -21,7 +21,7 @@ SHOP = ["data.title_field=product_name", "data.content_field=description", "data
 def run_args(run_dir: Path, model_dir: Path, raw: Path, *mapping: str) -> list[str]:
     return [f"output_dir={run_dir}", f"data.raw_path={raw}", *mapping, "data.test_fraction=0.2",
             f"model.name_or_path={model_dir}", "model.dtype=float32", "train.device=cpu", "train.max_steps=2",
-            "train.batch_size=2", "train.grad_accum=1", "train.eval_steps=1", "train.save_steps=2",
+            "train.batch_size=2", "train.step_tokens=330", "train.eval_steps=1", "train.save_steps=2",
             "train.optim=adamw_torch", "train.packing=false", "train.max_length=256", "train.max_eval_samples=4",
             "train.report_to=none", "eval.max_samples=5", "eval.max_new_tokens=6", "eval.embedding_model=",
             "eval.bootstrap_samples=50"]

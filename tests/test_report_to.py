@@ -36,7 +36,7 @@ def test_report_to_is_split_between_our_tensorboard_and_trl(tmp_path, value, ten
         train_cfg.report_to = value
     train_cfg.device = "cpu"
     assert train_mod.report_targets(train_cfg.report_to) == (tensorboard, others)
-    plan = train_mod.make_plan(train_cfg, ModelConfig())
+    plan = train_mod.make_plan(train_cfg, ModelConfig(), example_tokens=200.0)
     args = train_mod.sft_config(train_cfg, plan, tmp_path / "myrun" / "train" / "checkpoints", has_eval=False)
     assert list(args.report_to) == others and args.run_name == "myrun"
 

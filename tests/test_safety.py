@@ -28,7 +28,7 @@ def run_args(run: Path, model: Path) -> list[str]:
     return [f"output_dir={run}", f"data.raw_path={SAMPLE}", f"model.name_or_path={model}",
             "model.dtype=float32", "train.max_steps=2", "train.eval_steps=1", "train.save_steps=1",
             "train.optim=adamw_torch", "train.device=cpu", "train.packing=false", "train.max_eval_samples=4",
-            "train.batch_size=2", "train.grad_accum=1", "lora.r=4", "lora.alpha=8",
+            "train.batch_size=2", "train.step_tokens=330", "lora.r=4", "lora.alpha=8",
             "eval.max_samples=4", "eval.max_new_tokens=4", "eval.embedding_model=", "eval.bootstrap_samples=20"]
 
 

@@ -40,7 +40,7 @@ def write_format(run_dir: Path, n_train: int = 16, n_val: int = 4, max_chars: in
 def tiny_args(run_dir: Path, model_dir: Path, *extra: str) -> list[str]:
     """Overrides for a few quick steps of the tiny model on the CPU."""
     return [f"output_dir={run_dir}", f"model.name_or_path={model_dir}", "train.device=cpu",
-            "train.batch_size=2", "train.grad_accum=1", "train.max_steps=4", "train.max_length=256",
+            "train.batch_size=2", "train.step_tokens=330", "train.max_steps=4", "train.max_length=256",
             "train.learning_rate=5e-3", "train.warmup_steps=0", "train.optim=adamw_torch",
             "train.eval_steps=2", "train.save_steps=2", "train.max_eval_samples=4",
             "lora.r=4", "lora.alpha=8", *extra]
@@ -119,7 +119,7 @@ def test_label_mask_trains_completion_and_end_of_turn_only(tiny_model_dir, tmp_p
     model = models.load_model(model_cfg, "cpu", training=True)
     train_ds, _ = train_mod.load_splits(RunPaths(tmp_path), None)
     train_cfg = TrainConfig(max_length=512, device="cpu", optim="adamw_torch")
-    plan = train_mod.make_plan(train_cfg, model_cfg)
+    plan = train_mod.make_plan(train_cfg, model_cfg, train_mod.mean_example_tokens(train_ds, tokenizer, 512))
     trainer = train_mod.build_trainer(model, tokenizer, train_ds, None, LoraConfig(r=4), train_cfg, plan,
                                       tmp_path / "ckpt")
     end = tokenizer.convert_tokens_to_ids("<|end|>")
@@ -276,6 +276,71 @@ def test_qlora_bf16_on_gpu(tiny_model_dir, tmp_path, monkeypatch):
     assert main(["merge", *args]) == 0
 
 
+def gpu_host(monkeypatch, gib: float, processes: int) -> None:
+    """Plan as one of `processes` ranks on a host of `gib`-GiB CUDA cards (no GPU needed)."""
+    from prodtune import distributed, fast, models
+
+    monkeypatch.setattr(models, "pick_device", lambda device: "cuda")
+    monkeypatch.setattr(models, "compute_dtype", lambda cfg, device: torch.bfloat16)
+    monkeypatch.setattr(train_mod, "_device_for_plan", lambda device: "cuda")
+    monkeypatch.setattr(fast, "card_memory_gib", lambda device: gib)
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+@pytest.mark.parametrize("case, gib, overrides, packed", [
+    ("fast", 141, {}, True),
+    ("small", 15, {}, True),
+    ("plain, packed (TRL's rows)", 80, {"speed": "plain"}, True),
+    ("plain, unpacked", 80, {"speed": "plain", "packing": False}, False),
+    ("cpu", None, {}, False),
+])
+def test_every_path_and_rank_count_takes_the_same_step(monkeypatch, processes, case, gib, overrides, packed):
+    """train.step_tokens is the step everywhere: 16,384 tokens = 64 examples of 256 tokens, whether
+    packed into 8 rows of 2048 or taken as 64 examples, on 1, 2 or 4 processes."""
+    from prodtune import distributed
+    from prodtune.config import ModelConfig, TrainConfig
+
+    if gib is None:
+        monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    else:
+        gpu_host(monkeypatch, gib, processes)
+    cfg = TrainConfig(step_tokens=16384, batch_size=4, device="cpu" if gib is None else "auto", **overrides)
+    plan = train_mod.make_plan(cfg, ModelConfig(load_in_4bit=True), example_tokens=256.0)
+    assert plan.packing == packed and plan.batch.processes == processes and plan.batch.kept
+    assert plan.step_tokens == 16384 and plan.step_examples == pytest.approx(64)
+    assert plan.batch.global_batch == (8 if packed else 64)  # rows of 2048, or examples
+    assert plan.steps_per_epoch(8 * 10 if packed else 64 * 10) == 10
+    text = plan.describe_step()
+    assert "16,384 tokens" in text and "64.0 examples" in text
+    if processes > 1:
+        assert f"x {processes} processes" in text
+
+
+def test_the_start_line_and_report_say_the_step(trained_run, tiny_model_dir):
+    run_dir, _ = trained_run
+    report = json.loads(RunPaths(run_dir).train_report.read_text())
+    step = report["step"]
+    # tiny_args: 330 tokens per step = 2 examples of ~165 tokens, batch 2 x 1; 16 examples.
+    assert (step["unit"], step["examples"], step["per_device"], step["grad_accum"]) == ("examples", 2, 2, 1)
+    assert step["configured_step_tokens"] == 330 and abs(step["tokens"] - 330) < step["example_tokens_mean"]
+    assert step["optimizer_steps_per_epoch"] == 8 == round(report["steps"] / report["epochs"])
+    assert report["first_step_s"] > 0 and report["model_load_s"] > 0
+    assert report["tokens_per_s"] > 0 and report["tokens_per_s_overall"] > 0
+    assert report["warmup_steps_left_out"] == 2 and report["speed"] == "plain"
+
+
+def test_one_epoch_takes_the_steps_the_plan_printed(tiny_model_dir, tmp_path, capsys):
+    write_format(tmp_path, n_train=12, n_val=0)
+    assert main(["train", *tiny_args(tmp_path, tiny_model_dir, "train.max_steps=-1", "train.epochs=1",
+                                     "train.step_tokens=660", "train.save_steps=100")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(RunPaths(tmp_path).train_report.read_text())
+    assert report["steps"] == report["step"]["optimizer_steps_per_epoch"] == 3  # 12 examples, 4 per step
+    assert "prodtune: path plain" in out
+    assert "4.0 examples of ~" in out and "tokens per optimizer step" in out and "3 optimizer steps per epoch" in out
+
+
 @pytest.mark.parametrize("step_tokens, processes, rows, accum, noted", [
     (16384, 4, 2, 1, True),    # the default step over 4 GPUs: micro-batches shrink, the plan says so
     (65536, 4, 8, 1, False),   # 64k tokens per step: every GPU keeps 8 rows
@@ -284,17 +349,20 @@ def test_qlora_bf16_on_gpu(tiny_model_dir, tmp_path, monkeypatch):
 ])
 def test_plan_under_several_gpus_keeps_the_step_and_names_the_fix(monkeypatch, step_tokens, processes, rows,
                                                                   accum, noted):
-    from prodtune import distributed, fast, models
     from prodtune.config import ModelConfig, TrainConfig
 
-    # A CUDA host of 80 GiB cards, seen from one of `processes` ranks (no GPU needed for the plan).
-    monkeypatch.setattr(models, "pick_device", lambda device: "cuda")
-    monkeypatch.setattr(train_mod, "_device_for_plan", lambda device: "cuda")
-    monkeypatch.setattr(fast, "card_memory_gib", lambda device: 80.0)
-    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    gpu_host(monkeypatch, 80.0, processes)
     plan = train_mod.make_plan(TrainConfig(step_tokens=step_tokens), ModelConfig(load_in_4bit=True))
     assert (plan.speed, plan.speed_plan.rows, plan.speed_plan.grad_accum) == ("fast", rows, accum)
-    assert plan.batch.global_batch * plan.speed_plan.max_length == step_tokens
+    assert plan.step_tokens == step_tokens
     assert bool(plan.note) == noted
     if noted:
         assert f"train.step_tokens={8 * 2048 * processes}" in plan.note
+
+
+def test_a_step_that_is_not_whole_rows_is_rounded_and_said(monkeypatch):
+    from prodtune.config import ModelConfig, TrainConfig
+
+    gpu_host(monkeypatch, 80.0, 1)
+    plan = train_mod.make_plan(TrainConfig(step_tokens=5000), ModelConfig(load_in_4bit=True))
+    assert plan.step_tokens == 4096 and "not a whole number of 2048-token rows" in plan.note

@@ -1,4 +1,4 @@
-"""GPU training speed (issue 6): the 'fast' and 'small' paths on top of TRL's SFTTrainer.
+"""GPU training speed: the 'fast' and 'small' paths on top of TRL's SFTTrainer.
 
 The plain QLoRA recipe (batch 2 x 4, padded, every weight dequantized from 4 bits three times per
 micro-batch, fp32 residual stream) keeps an H100 about 2% busy. What these paths change, and why:
@@ -8,27 +8,27 @@ micro-batch, fp32 residual stream) keeps an H100 about 2% busy. What these paths
   padding is computed. Position ids restart at 0 for every example; labels stay -100 on prompt
   tokens and on each example's first token (TRL's padding-free collator does both). The row is
   padded to exactly rows * max_length so that every batch has one shape (compiled code is reused).
-* No attention across examples: FlexAttention with the document mask transformers builds from the
-  restarting position ids. It skips the masked blocks, where SDPA with a dense mask would compute
-  every (query, key) pair of the flattened row.
-* Big token batches: ~16k tokens per micro-batch, so each weight matrix is used on many rows.
+* No attention across examples: flash attention's variable-length kernel (`varlen_attention`)
+  over the example boundaries TRL's collator computes. It skips other examples entirely, needs no
+  mask and no compilation (FlexAttention, used before, spent ~44 s compiling its kernels).
+* Big token batches: 16k tokens per micro-batch (4k on the small path), so each weight matrix is used on many rows.
 * Dequantize once (fast path): the base is frozen, so its NF4 weights dequantize to the same bf16
   values on every call. We dequantize each once, keep the bf16 copy (7.6 GB for Phi-3-mini) and
   run plain bf16 matmuls: the same numbers bitsandbytes would compute, without 3 dequantizations
   per weight per micro-batch, and code that torch.compile can fuse.
 * bf16 residual stream: peft's prepare_model_for_kbit_training casts the frozen norms, embeddings
   and LM head to fp32, which makes every activation fp32. They are frozen, so we cast them back.
-* torch.compile of each decoder layer (fast path): fuses RMSNorm, RoPE, SiLU*up and the LoRA
-  scale-and-add into few kernels.
+* Regional compilation: the decoder block is compiled once and the same graph runs every layer
+  (identical layers differ only in their weights, which are graph inputs), fusing RMSNorm, RoPE,
+  SiLU*up and the LoRA scale-and-add: ~10 s before the first step on an H200 (~190 s before,
+  FlexAttention's kernels compiled inside each layer). The small path compiles its 4-bit layers too.
 * Checkpointing chosen from memory: recomputing the forward costs 2N of the 6N FLOPs per token,
-  so 80 GB cards checkpoint every other layer (5N), smaller ones every layer.
-
-Measured on an H200 (bench/NOTES.md): the plain recipe 663-729 tokens/s; fast 22.9k (every
-other layer checkpointed, 37.6 GiB peak) or 19.7k (every layer, 15 GiB); small 11.7k in 5.4 GiB.
+  so cards of >= 120 GiB keep every activation (4N), 80 GB cards checkpoint every other layer
+  (5N), smaller ones every layer.
 * Cross-entropy: TRL >= 1.16 already projects through the LM head in chunks and only at labelled
   positions (its fused LM head), so the full fp32 logits are never built.
 
-Use from train.py (see `plan`):
+bench/NOTES.md has the measurements. train.py uses it as:
 
     speed = fast.plan(cfg.train, cfg.model, device)
     args = SFTConfig(..., **fast.sft_overrides(speed, cfg.train))
@@ -38,10 +38,12 @@ Use from train.py (see `plan`):
 
 from __future__ import annotations
 
-import types
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
+from prodtune.attention import FLEX, VARLEN, register_flex, register_varlen, steady_kwargs
 from prodtune.config import ModelConfig, TrainConfig
 from prodtune.errors import UserError
 
@@ -51,16 +53,15 @@ FAST_MIN_GIB = 40.0
 """Cards with at least this much memory take the fast path; smaller ones the small path."""
 FAST_TOKENS = 16384
 """Tokens per micro-batch on the fast path (8 rows of 2048)."""
-SMALL_TOKENS = 8192
-"""Tokens per micro-batch on the small path (4 rows of 2048): 5.4 GiB peak measured for Phi-3-mini."""
+SMALL_TOKENS = 4096
+"""Tokens per micro-batch on the small path (2 rows of 2048): the smallest peak memory (8192 took 5.4
+GiB for Phi-3-mini's shape, more than Unsloth's 4.9) at a few percent of its speed."""
 HALF_CHECKPOINT_MIN_GIB = 70.0
-"""Fast-path cards with at least this much memory (H100/H200/A100 80 GB) checkpoint every other
-layer (5N FLOPs/token, 37.6 GiB peak measured); smaller ones every layer (6N, 15 GiB)."""
+"""Fast-path cards with at least this much memory (H100/A100 80 GB) checkpoint every other layer
+(5N FLOPs/token, 37.6 GiB peak measured); smaller ones every layer (6N, 15 GiB)."""
+NO_CHECKPOINT_MIN_GIB = 120.0
+"""Fast-path cards with at least this much memory (H200) keep every activation (4N FLOPs/token)."""
 
-# Keyword arguments TRL's padding-free collator adds for flash-attention's varlen kernels. Flex
-# attention gets the same information from the position ids; dropping them before the compiled
-# layers keeps their changing shapes and values from recompiling the layer on every batch.
-VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class SpeedPlan:
     """How this run trains on this machine; settled once by `plan`."""
 
     path: SpeedPath
-    """plain = TRL as configured; fast = packed, flex attention, bf16 base copy, compiled; small = packed, 4-bit live."""
+    """plain = TRL as configured; fast = packed, varlen attention, bf16 base copy, compiled; small = packed, 4-bit live."""
     reason: str
     """Why this path (printed and put in the training report)."""
     rows: int = 0
@@ -80,11 +81,11 @@ class SpeedPlan:
     checkpoint_every: int = 1
     """Gradient checkpointing: 0 = off, k = every k-th decoder layer (1 = all)."""
     compile: bool = False
-    """torch.compile each decoder layer."""
+    """torch.compile the decoder block once for every layer (regional compilation)."""
     dequantize_once: bool = False
     """Replace on-the-fly 4-bit dequantization by a bf16 copy of the frozen base."""
     attn_implementation: str | None = None
-    """Attention kernel to switch the model to (None = leave it)."""
+    """Attention kernel: VARLEN, FLEX, 'sdpa' (cards without flash attention), None = leave it."""
     bf16_frozen: bool = False
     """Cast frozen fp32 norms/embeddings/LM head back to bf16 (bf16 residual stream)."""
 
@@ -100,16 +101,18 @@ class SpeedPlan:
         return 4.0 + 2.0 * share
 
     def describe(self) -> str:
+        """One line: the path, why, and what it does."""
         if self.path == "plain":
             return f"plain ({self.reason})"
         ckpt = {0: "no checkpointing", 1: "checkpointing every layer"}.get(
             self.checkpoint_every, f"checkpointing every {self.checkpoint_every}th layer")
-        parts = [f"{self.rows}x{self.max_length} packed tokens x {self.grad_accum} accumulation", ckpt,
-                 self.attn_implementation or "default attention"]
+        attn = {VARLEN: "varlen flash attention", FLEX: "FlexAttention"}.get(
+            self.attn_implementation or "", self.attn_implementation or "default attention")
+        parts = [f"{self.rows}x{self.max_length} packed tokens x {self.grad_accum} accumulation", ckpt, attn]
         if self.dequantize_once:
             parts.append("bf16 copy of the 4-bit base")
         if self.compile:
-            parts.append("compiled layers")
+            parts.append("compiled decoder block")
         return f"{self.path} ({self.reason}): " + ", ".join(parts)
 
 
@@ -153,42 +156,33 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any,
         reason = f"train.speed={speed}"
     max_length = train_cfg.max_length
     major, _ = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else (9, 0)
-    # FlexAttention's Triton kernels need Ampere or newer; on a T4 (sm75) fall back to SDPA with
-    # transformers' dense document mask, which costs (row length)^2, so keep one row per batch there.
-    flex = major >= 8 and _has_flex()
+    # Flash attention's kernels need Ampere or newer. On a T4 (sm75) SDPA gets transformers' dense
+    # document mask, which costs (row length)^2: one row per micro-batch there.
+    varlen = major >= 8
     # fp16 cards (T4) keep peft's fp32 norms/embeddings: an fp16 residual stream could overflow.
     bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    attn = VARLEN if varlen else "sdpa"
     if speed == "fast":
-        rows = max(1, FAST_TOKENS // max_length) if flex else 1
-        # No checkpointing at all is not offered by default: compiled, it did not finish compiling
-        # within 150 s in the bench (twice, cause not found); eager it ran (18.3k tok/s, 75 GiB).
-        ckpt = 2 if gib >= HALF_CHECKPOINT_MIN_GIB else 1
+        rows = max(1, FAST_TOKENS // max_length) if varlen else 1
+        ckpt = 0 if gib >= NO_CHECKPOINT_MIN_GIB else 2 if gib >= HALF_CHECKPOINT_MIN_GIB else 1
         p = SpeedPlan("fast", reason, rows=rows, max_length=max_length, checkpoint_every=ckpt,
-                      compile=True, dequantize_once=model_cfg.load_in_4bit,
-                      attn_implementation="flex_attention" if flex else "sdpa", bf16_frozen=bf16)
+                      compile=True, dequantize_once=model_cfg.load_in_4bit, attn_implementation=attn,
+                      bf16_frozen=bf16)
     else:
-        rows = max(1, SMALL_TOKENS // max_length) if flex else 1
+        rows = max(1, SMALL_TOKENS // max_length) if varlen else 1
+        # Compiled too (4-bit matmuls and all, one graph for every layer), except on pre-Ampere cards
+        # (T4), where it is unmeasured.
         p = SpeedPlan("small", reason, rows=rows, max_length=max_length, checkpoint_every=1,
-                      compile=False, dequantize_once=False,
-                      attn_implementation="flex_attention" if flex else "sdpa", bf16_frozen=bf16)
+                      compile=varlen, dequantize_once=False, attn_implementation=attn, bf16_frozen=bf16)
     if train_cfg.gradient_checkpointing is True:
         p = replace(p, checkpoint_every=1)
     elif train_cfg.gradient_checkpointing is False:
-        # Compiled layers without checkpointing never finished compiling in the bench: run eager.
-        p = replace(p, checkpoint_every=0, compile=False)
+        p = replace(p, checkpoint_every=0)
     # train.step_tokens per optimizer step: accumulate micro-batches, or take fewer rows when the
     # step is smaller than one micro-batch.
     rows = max(1, min(p.rows, train_cfg.step_tokens // max(1, p.max_length)))
     accum = max(1, round(train_cfg.step_tokens / (rows * p.max_length)))
     return replace(p, rows=rows, grad_accum=accum)
-
-
-def _has_flex() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def sft_overrides(speed: SpeedPlan, train_cfg: TrainConfig) -> dict[str, Any]:
@@ -207,6 +201,8 @@ def sft_overrides(speed: SpeedPlan, train_cfg: TrainConfig) -> dict[str, Any]:
         # whose labels are -100), so compiled layers never recompile.
         "pad_to_multiple_of": speed.tokens_per_microbatch,
         "gradient_checkpointing": speed.checkpoint_every > 0,
+        # Collate the next micro-batch (~10-20 ms of Python for 16k tokens) while the GPU works.
+        "dataloader_num_workers": 1,
         "gradient_checkpointing_kwargs": ({"use_reentrant": False, "every_n_layers": speed.checkpoint_every}
                                           if speed.checkpoint_every > 0 else None),
     }
@@ -214,10 +210,11 @@ def sft_overrides(speed: SpeedPlan, train_cfg: TrainConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- model surgery
 
-def prepare(model: Any, speed: SpeedPlan) -> dict[str, Any]:
+def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = None) -> dict[str, Any]:
     """Apply the plan to the (PEFT-wrapped) model, after SFTTrainer is built and before train().
 
-    Returns what was done, for the training report.
+    `compile_cache` is where compiled kernels are kept for the next run (unless
+    TORCHINDUCTOR_CACHE_DIR is set). Returns what was done, for the training report.
     """
     if speed.path == "plain":
         return {}
@@ -226,14 +223,22 @@ def prepare(model: Any, speed: SpeedPlan) -> dict[str, Any]:
     if speed.bf16_frozen:
         done["bf16_frozen_params"] = cast_frozen(base)
     attn = speed.attn_implementation
-    if attn == "flex_attention":
+    if attn == VARLEN:
+        register_varlen()
+    elif attn == "flex_attention" or attn == FLEX:
         attn = register_flex()
     if attn and base.config._attn_implementation != attn:
         base.set_attn_implementation(attn)
     done["attn_implementation"] = base.config._attn_implementation
+    base.get_decoder().register_forward_pre_hook(
+        steady_kwargs(speed.max_length, keep_boundaries=attn == VARLEN), with_kwargs=True)
     if speed.dequantize_once:
         done["dequantized_gib"] = round(dequantize_once(base) / 2**30, 2)
     if speed.compile:
+        if compile_cache is not None:
+            done["compile_cache"] = use_compile_cache(compile_cache)
+        # The first layer's input must require grad like every other's, or it gets a graph of its own.
+        base.enable_input_require_grads()
         done["compiled_layers"] = compile_layers(base)
     return done
 
@@ -252,34 +257,22 @@ def cast_frozen(model: Any, dtype: Any = None) -> int:
     return n
 
 
-FLEX = "prodtune_flex"
-"""transformers' FlexAttention with contiguous q/k/v (see `register_flex`)."""
-
-
-def register_flex() -> str:
-    """Register FLEX with transformers' attention and mask interfaces; return its name.
-
-    Inside a compiled layer, inductor (torch 2.13, seen on the CPU) fused RoPE into the flex
-    kernel's non-contiguous q/k inputs and got wrong results; eager flex, or contiguous inputs,
-    are right. Making q/k/v contiguous costs one copy that the compiled RoPE writes anyway.
-    """
-    from transformers import AttentionInterface
-    from transformers.integrations.flex_attention import flex_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
-
-    def flex_contiguous(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
-        return flex_attention_forward(module, query.contiguous(), key.contiguous(), value.contiguous(),
-                                      attention_mask, **kwargs)
-
-    AttentionInterface.register(FLEX, flex_contiguous)
-    AttentionMaskInterface.register(FLEX, flex_attention_mask)
-    return FLEX
-
-
 def _lora_layers(model: Any) -> list[Any]:
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+_DENSE: dict[type, type] = {}
+
+
+def _dense_class(cls: type) -> type:
+    """`cls` (peft's LoRA layer over a 4-bit weight) with the dense forward: one class for every
+    such layer, so compiled code sees the same module type in every decoder layer."""
+    if cls not in _DENSE:
+        _DENSE[cls] = type(f"Dense{cls.__name__}", (cls,), {"forward": _lora_forward_dense,
+                                                            "prodtune_base_class": cls})
+    return _DENSE[cls]
 
 
 def dequantize_once(model: Any) -> int:
@@ -301,8 +294,7 @@ def dequantize_once(model: Any) -> int:
         w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
         # Not persistent: checkpoints and saved adapters stay as they were.
         layer.register_buffer("prodtune_weight", w.contiguous(), persistent=False)
-        layer.prodtune_forward_4bit = layer.forward
-        layer.forward = types.MethodType(_lora_forward_dense, layer)
+        layer.__class__ = _dense_class(type(layer))
         total += w.numel() * w.element_size()
     return total
 
@@ -313,7 +305,7 @@ def _lora_forward_dense(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     import torch.nn.functional as F
 
     if args or kwargs or self.disable_adapters or self.merged:
-        return self.prodtune_forward_4bit(x, *args, **kwargs)
+        return self.prodtune_base_class.forward(self, x, *args, **kwargs)
     w = self.prodtune_weight
     bias = self.get_base_layer().bias
     out = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
@@ -322,7 +314,7 @@ def _lora_forward_dense(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     for name in self.active_adapters:
         if name not in self.lora_A or name in self.lora_variant:
             if name in self.lora_A:  # DoRA and other variants: not worth a special case
-                return self.prodtune_forward_4bit(x, *args, **kwargs)
+                return self.prodtune_base_class.forward(self, x, *args, **kwargs)
             continue
         a = self.lora_A[name]
         xa = self.lora_dropout[name](x)
@@ -340,27 +332,34 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 def compile_layers(model: Any, backend: Any = "inductor") -> int:
-    """torch.compile each decoder layer's forward (checkpointing wraps it from outside).
+    """Regional compilation: torch.compile the decoder block's call once, shared by every layer.
 
-    Layers share one compiled graph; the varlen keyword arguments are dropped first (see
-    VARLEN_KWARGS). `backend` is torch.compile's (tests pass a counting one). Returns the
-    number of layers compiled.
+    All layers run one code object (Module._call_impl) with their weights as graph inputs
+    (dynamo's inline_inbuilt_nn_modules), so the graph compiled for the first layer serves the
+    others. Checkpointing wraps the block from outside. Without gradients (validation) the layers
+    run eagerly: a few batches do not pay for a second, inference-only compile before the first
+    step. `backend` is torch.compile's (tests pass a counting one). Returns the number of layers.
     """
     import torch
 
-    # 32 identical layers: let the one code object hold enough cache entries for train and eval.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 512)
+    # Training and validation mode entries for one code object; guards failing on some exotic
+    # layer mix would otherwise fall back to eager silently.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     layers = decoder_layers(model)
     for layer in layers:
-        compiled = torch.compile(layer.forward, backend=backend)
+        compiled = torch.compile(layer._call_impl, backend=backend)
 
-        def forward(*args: Any, _compiled: Any = compiled, **kwargs: Any) -> Any:
-            for key in VARLEN_KWARGS:
-                kwargs.pop(key, None)
-            return _compiled(*args, **kwargs)
+        def call(*args: Any, _compiled: Any = compiled, _eager: Any = layer._call_impl, **kwargs: Any) -> Any:
+            return _compiled(*args, **kwargs) if torch.is_grad_enabled() else _eager(*args, **kwargs)
 
-        layer.forward = forward
+        # What nn.Module.compile() sets; nn.Module.__call__ runs it instead of _call_impl.
+        layer._compiled_call_impl = call
     return len(layers)
+
+
+def use_compile_cache(folder: str | Path) -> str:
+    """Keep inductor's compiled graphs and Triton kernels in `folder` (unless TORCHINDUCTOR_CACHE_DIR
+    already names a place), so the next run on this machine, and every GPU process of a launch,
+    loads them instead of compiling. Returns the folder in use."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(folder).expanduser()))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import dataclasses
 import json
+import math
 import resource
 import shutil
 import time
@@ -33,7 +34,7 @@ from prodtune.io import RunPaths, atomic_dir, read_json, read_jsonl, write_json
 
 @dataclass
 class Plan:
-    """Hardware-dependent choices, settled once from the config and the device."""
+    """Hardware-dependent choices, settled once from the config, the device and the data."""
 
     device: str
     """'cuda' or 'cpu'."""
@@ -48,18 +49,64 @@ class Plan:
     speed_plan: Any = None
     """prodtune.fast.SpeedPlan: token batches, attention kernel, compile, dequantize-once."""
     batch: Any = None
-    """prodtune.distributed.BatchSplit: this process's micro-batch and accumulation (global batch kept)."""
+    """prodtune.distributed.BatchSplit of one optimizer step: rows (packed) or examples per
+    micro-batch, accumulation and processes."""
     note: str = ""
     """Advice printed at the start of training (e.g. micro-batches shrunk by the GPU count)."""
+    max_length: int = 2048
+    """Tokens per packed row (train.max_length)."""
+    example_tokens: float | None = None
+    """Mean tokens of one training example (prompt + completion), measured on the training split."""
+    compile_cache: str | None = None
+    """Where compiled kernels are kept between runs (the speed paths that compile)."""
 
     @property
     def precision(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def step_tokens(self) -> int:
+        """Tokens of one optimizer step: exact when packed (whole rows; the last row of a batch
+        is topped up with padding), the examples' mean length times their count otherwise."""
+        if self.packing:
+            return self.batch.global_batch * self.max_length
+        return round(self.batch.global_batch * (self.example_tokens or 0))
 
-def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
-    """Settle device, precision, speed path, packing, checkpointing and, under several
-    processes, each one's share of the optimizer step's batch."""
+    @property
+    def step_examples(self) -> float | None:
+        """Examples of one optimizer step: exact when not packed, on average when packed."""
+        if not self.packing:
+            return float(self.batch.global_batch)
+        return self.step_tokens / self.example_tokens if self.example_tokens else None
+
+    def steps_per_epoch(self, items: int) -> int:
+        """Optimizer steps in one pass over `items` training rows (packed) or examples, counted
+        as the Trainer counts them."""
+        b = self.batch
+        micro_batches = math.ceil(items / (b.per_device * b.processes))
+        return max(1, math.ceil(micro_batches / b.accum))
+
+    def describe_step(self) -> str:
+        """The optimizer step in tokens and examples, and how it is split."""
+        b = self.batch
+        gpus = f" x {b.processes} processes" if b.processes > 1 else ""
+        examples = f"{self.step_examples:,.1f}" if self.step_examples is not None else "?"
+        if self.packing:
+            return (f"{self.step_tokens:,} tokens = ~{examples} examples per optimizer step ({b.per_device} rows of "
+                    f"{self.max_length} tokens x {b.accum} accumulation{gpus})")
+        return (f"~{self.step_tokens:,} tokens = {examples} examples of ~{self.example_tokens:.0f} tokens per optimizer "
+                f"step ({b.per_device} examples x {b.accum} accumulation{gpus})")
+
+
+def make_plan(train_cfg: TrainConfig, model_cfg: Any, example_tokens: float | None = None) -> Plan:
+    """Settle device, precision, speed path, packing, checkpointing and the optimizer step.
+
+    The step is train.step_tokens tokens on every path and any number of processes. Packed paths
+    take whole rows of max_length tokens: step_tokens / max_length rows per step. Unpacked ones
+    (train.packing=false, or a CPU) take step_tokens / `example_tokens` examples (the mean length of
+    this run's examples), train.batch_size of them per micro-batch. Under several processes the
+    step is shared, accumulation first (prodtune.distributed.split_batch).
+    """
     device = models.pick_device(train_cfg.device)
     on_gpu = device == "cuda"
     packing = on_gpu if train_cfg.packing == "auto" else bool(train_cfg.packing)
@@ -72,25 +119,45 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any) -> Plan:
         train_cfg = replace(train_cfg, speed="small")
     # GPU speed paths: the card's memory picks fast or small unless train.speed says.
     speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
-    # Data parallel: N processes share one optimizer step, so the global batch, and with
-    # it the result, is the one-GPU run's (token batches: train.step_tokens per step on any count).
+    if speed.compile and distributed.uses_fsdp():
+        # FSDP's flat parameters (fsdp_use_orig_params: false, peft's QLoRA recipe) are not what
+        # torch.compile traces: the layers run eagerly.
+        speed = replace(speed, compile=False)
     processes = distributed.world_size()
-    note = ""
     if speed.path != "plain":
         packing, checkpointing = True, speed.checkpoint_every > 0
-        batch = distributed.split_batch(speed.rows, speed.grad_accum, processes)
-        if batch.per_device < speed.rows:
-            # Measured on 4 x H200 (bench/NOTES.md): 16k tokens per step over 4 GPUs scale 2.87x,
-            # a full micro-batch on every GPU (step_tokens=65536) 3.70x.
-            note = (f"each of the {processes} GPUs gets {batch.per_device} rows of {speed.max_length} tokens per "
-                    f"micro-batch instead of {speed.rows}, which leaves it partly idle; for full speed set "
-                    f"train.step_tokens={speed.tokens_per_microbatch * processes} or more (more tokens per "
-                    f"optimizer step: fewer steps per epoch, so revisit the learning rate)")
-        speed = replace(speed, rows=batch.per_device, grad_accum=batch.accum)
+        rows, accum = speed.rows, speed.grad_accum
+    elif packing:
+        # train.batch_size counts packed rows here (TRL's meaning): a memory knob, not the step.
+        rows = max(1, min(train_cfg.batch_size, train_cfg.step_tokens // train_cfg.max_length))
+        accum = max(1, round(train_cfg.step_tokens / (rows * train_cfg.max_length)))
     else:
-        batch = distributed.split_batch(train_cfg.batch_size, train_cfg.grad_accum, processes)
-    return Plan(device=device, dtype=models.compute_dtype(model_cfg, device), speed=speed.path,
-                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed, batch=batch, note=note)
+        if not example_tokens:
+            raise ValueError("make_plan needs the mean example length (example_tokens) for unpacked batches")
+        examples = max(1, round(train_cfg.step_tokens / example_tokens))
+        rows = min(train_cfg.batch_size, examples)
+        accum = max(1, round(examples / rows))
+    batch = distributed.split_batch(rows, accum, processes)
+    note = ""
+    if packing and batch.per_device < rows:
+        # Measured on 4 x H200 (bench/NOTES.md): 16k tokens per step over 4 GPUs scale 2.87x,
+        # a full micro-batch on every GPU (step_tokens=65536) 3.70x.
+        note = (f"each of the {processes} GPUs gets {batch.per_device} rows of {train_cfg.max_length} tokens per "
+                f"micro-batch instead of {rows}, which leaves it partly idle; for full speed set "
+                f"train.step_tokens={rows * train_cfg.max_length * processes} or more (more tokens per "
+                f"optimizer step: fewer steps per epoch, so revisit the learning rate)")
+    if speed.path != "plain":
+        speed = replace(speed, rows=batch.per_device, grad_accum=batch.accum)
+    plan = Plan(device=device, dtype=models.compute_dtype(model_cfg, device), speed=speed.path,
+                packing=packing, gradient_checkpointing=checkpointing, speed_plan=speed, batch=batch, note=note,
+                max_length=train_cfg.max_length, example_tokens=example_tokens,
+                compile_cache=str(Path(model_cfg.cache_dir).expanduser() / "compile"))
+    if packing and plan.step_tokens != train_cfg.step_tokens:
+        rounded = (f"train.step_tokens={train_cfg.step_tokens} is not a whole number of {train_cfg.max_length}-token "
+                   f"rows{f' for {processes} processes' if processes > 1 else ''}: each step takes "
+                   f"{plan.step_tokens:,} tokens")
+        plan.note = f"{rounded}; {note}" if note else rounded
+    return plan
 
 
 def _device_for_plan(device: str) -> Any:
@@ -98,6 +165,22 @@ def _device_for_plan(device: str) -> Any:
     if device != "cuda":
         return device
     return f"cuda:{distributed.local_device_index()}"
+
+
+def mean_example_tokens(dataset: Any, tokenizer: Any, max_length: int, sample: int = 1000) -> float:
+    """Mean tokens of one example (prompt + completion as the chat template renders them, at most
+    max_length), over an evenly spread sample of at most `sample` rows: what turns train.step_tokens
+    into examples per step."""
+    n = len(dataset)
+    rows = dataset.select(range(0, n, max(1, n // sample)))
+    if "input_ids" in rows.column_names:  # already tokenized
+        lengths = [len(ids) for ids in rows["input_ids"]]
+    else:
+        lengths = []
+        for row in rows:
+            ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
+            lengths.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return sum(min(x, max_length) for x in lengths) / max(1, len(lengths))
 
 
 # ----------------------------------------------------------------------------- data
@@ -148,8 +231,8 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         eval_steps=(t.eval_steps or 10**9) if has_eval else None,
         eval_on_start=eval_on_start and has_eval,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        # Padded batches carry an attention mask to count real tokens by; padding-free ones have no pads.
-        include_num_input_tokens_seen="all" if plan.packing else "non_padding",
+        # Real tokens: padded batches by their attention mask, padding-free ones by the pad id.
+        include_num_input_tokens_seen="non_padding",
         # TensorBoard is attached by hand (to write into train/tensorboard); the others go to TRL.
         report_to=report_targets(t.report_to)[1] or "none",
         run_name=Path(output_dir).parent.parent.name,  # the run folder's name, for W&B and MLflow
@@ -193,9 +276,63 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     if plan.speed_plan is not None:
-        # bf16 frozen weights, FlexAttention document mask, dequantize-once, compiled layers.
-        trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan)
+        # bf16 frozen weights, varlen attention, dequantize-once, the compiled decoder block.
+        trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan, plan.compile_cache)
     return trainer
+
+
+WARMUP_STEPS = 2
+"""Optimizer steps left out of the steady tokens/s: compilation and first-use allocations."""
+
+
+def step_clock(started: float, cuda: bool) -> Any:
+    """A TrainerCallback timing each optimizer step, validation, logging and checkpoints left out.
+
+    `first_step_s` counts from `started` (the stage's start; the model load in the bench) to the
+    end of the first optimizer step: loading, compiling and warming up included. `summary()` gives
+    it with the steady tokens/s over the steps after the first WARMUP_STEPS.
+    """
+    from transformers import TrainerCallback
+
+    def now() -> float:
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.first_step_s: float | None = None
+            self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
+            self._mark, self._tokens = time.perf_counter(), 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark, self._tokens = now(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            t = now()
+            if self.first_step_s is None:
+                self.first_step_s = t - started
+            self.steps.append((t - self._mark, state.num_input_tokens_seen - self._tokens))
+            self._mark, self._tokens = t, state.num_input_tokens_seen
+
+        def _pause(self, args, state, control, **kwargs):  # not training: the next step starts here
+            self._mark = now()
+
+        on_evaluate = on_log = on_save = _pause
+
+        def summary(self) -> dict[str, Any]:
+            """first_step_s, the steady tokens/s and step time, and how many steps they cover."""
+            skip = WARMUP_STEPS if len(self.steps) > WARMUP_STEPS else max(0, len(self.steps) - 1)
+            timed = self.steps[skip:] if len(self.steps) > 1 else []
+            seconds, tokens = sum(s for s, _ in timed), sum(t for _, t in timed)
+            return {"first_step_s": round(self.first_step_s, 2) if self.first_step_s is not None else None,
+                    "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+                    "step_s": round(seconds / len(timed), 4) if timed else None,
+                    "steady_steps": len(timed), "warmup_steps_left_out": len(self.steps) - len(timed)}
+
+    return StepClock()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -342,7 +479,7 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     """
     import torch
 
-    started = time.time()
+    started, clock_start = time.time(), time.perf_counter()
     paths = RunPaths(cfg.run_dir)
     main = distributed.is_main_process()
     tensorboard, _ = report_targets(cfg.train.report_to)
@@ -350,17 +487,20 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     tag = {"config_hash": section_hash(*trained_with(cfg)), "format_digest": paths.format_digest()}
     checkpoint = _check_resume(paths, tag) if resume else None
     resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
-    plan = make_plan(cfg.train, cfg.model)
-    if plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
     with distributed.main_process_first():  # a GGUF model is converted once, by rank 0
         model_path = models.local_model_path(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, model_path)
+    plan = make_plan(cfg.train, cfg.model, mean_example_tokens(train_ds, tokenizer, cfg.train.max_length))
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    load_start = time.perf_counter()
     model = models.load_model(cfg.model, plan.device, training=True, path=model_path,
                               gradient_checkpointing=plan.gradient_checkpointing)
+    model_load_s = time.perf_counter() - load_start
+    clock = step_clock(clock_start, plan.device == "cuda")
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, cfg.lora, cfg.train, plan, paths.checkpoints,
-                            callbacks=list(callbacks or []), eval_on_start=not resume)
+                            callbacks=[clock] + list(callbacks or []), eval_on_start=not resume)
     # Everything checkable has been checked: from here on the previous run's checkpoints go.
     if main:
         if not resume and paths.checkpoints.exists():
@@ -372,12 +512,14 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
             trainer.add_callback(callback)
     distributed.barrier()  # the old checkpoints are gone before any process goes on
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    steps_per_epoch = plan.steps_per_epoch(len(trainer.train_dataset))  # packed rows, or examples
     if main:
-        processes = f"; {plan.batch.describe()}" if plan.batch.processes > 1 else ""
-        print(f"prodtune: training {cfg.model.name_or_path} on {plan.device} ({plan.precision}"
-              f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(trainer.train_dataset)} examples, "
+        print(f"prodtune: training {cfg.model.name_or_path} on {_where(plan)} ({plan.precision}"
+              f"{', 4-bit base' if cfg.model.load_in_4bit else ''}): {len(train_ds):,} examples, "
               f"LoRA r={cfg.lora.r} on {sorted(trainer.model.peft_config['default'].target_modules)}, "
-              f"{trainable:,} trainable of {total:,} parameters{processes}")
+              f"{trainable:,} trainable of {total:,} parameters")
+        print(f"prodtune: path {plan.speed_plan.describe()}")
+        print(f"prodtune: step {plan.describe_step()}; {steps_per_epoch:,} optimizer steps per epoch")
         if plan.note:
             print(f"prodtune: note: {plan.note}")
 
@@ -408,7 +550,8 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     plot_loss(log_rows, paths.loss_png, title=f"{Path(cfg.model.name_or_path).name}: LoRA r={cfg.lora.r}")
     report = _train_report(trainer, result.metrics.get("train_runtime", 0.0), log_rows, plan, cfg,
                            session_tokens_start=resumed.get("num_input_tokens_seen", 0), checkpoint=checkpoint,
-                           peaks=peaks)
+                           peaks=peaks, examples=len(train_ds),
+                           timing={**clock.summary(), "model_load_s": round(model_load_s, 2)})
     report["trained_on"] = tag  # compare checks that the splits are still these
     report["wall_time_s"] = round(time.time() - started, 2)
     write_json(paths.train_report, report)
@@ -418,7 +561,8 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
               else f"final train loss {report['final_train_loss']}")
     report["summary"] = (
         f"trained {report['steps']} steps ({report['epochs']} epochs, {report['examples']} examples) on "
-        f"{_where(plan)} in {report['train_runtime_s']:.0f} s, {report['tokens_per_s']} tokens/s; {losses}\n"
+        f"{_where(plan)} in {report['train_runtime_s']:.0f} s, {report['tokens_per_s']} tokens/s after warm-up "
+        f"(first step done after {report['first_step_s']} s); {losses}\n"
         f"adapter: {paths.adapter}\nreport: {paths.train_report}\nloss curve: {paths.loss_png}")
     return report
 
@@ -445,10 +589,12 @@ def _where(plan: Plan) -> str:
 
 
 def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], plan: Plan, cfg: Config,
-                  session_tokens_start: int, checkpoint: Path | None,
-                  peaks: list[tuple[float, str]]) -> dict[str, Any]:
-    """train_report.json: what was trained, how fast, how much memory (the largest of the
-    processes'), and the losses. Token counts and tokens/s are over all processes."""
+                  session_tokens_start: int, checkpoint: Path | None, peaks: list[tuple[float, str]],
+                  examples: int, timing: dict[str, Any]) -> dict[str, Any]:
+    """train_report.json: what was trained, the optimizer step, how fast, how much memory (the
+    largest of the processes'), and the losses. Token counts and tokens/s are over all processes;
+    tokens_per_s leaves out the warm-up steps (compilation) and validation, tokens_per_s_overall
+    is the whole session's."""
     import torch
 
     state = trainer.state
@@ -461,15 +607,25 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
     return {
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
-        "examples": len(trainer.train_dataset),
+        "examples": examples,
         "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "tokens_seen": state.num_input_tokens_seen,  # prompt + completion, padding excluded
-        "tokens_per_s": round(session_tokens / runtime, 1) if runtime else None,  # validation time included
+        "tokens_per_s": timing["tokens_per_s"],
+        "tokens_per_s_overall": round(session_tokens / runtime, 1) if runtime else None,  # compile, validation too
+        "first_step_s": timing["first_step_s"],  # stage start (data, model load, compile) to first step done
+        "model_load_s": timing["model_load_s"],
+        "steady_step_s": timing["step_s"],
+        "warmup_steps_left_out": timing["warmup_steps_left_out"],
+        "step": {"tokens": plan.step_tokens, "examples": round(plan.step_examples or 0, 2),
+                 "configured_step_tokens": cfg.train.step_tokens, "unit": "rows" if plan.packing else "examples",
+                 "per_device": batch.per_device, "grad_accum": batch.accum, "processes": batch.processes,
+                 "optimizer_steps_per_epoch": plan.steps_per_epoch(len(trainer.train_dataset)),
+                 "example_tokens_mean": round(plan.example_tokens or 0, 1)},
         "peak_memory_gib": round(peak, 3),
         "peak_memory_kind": peak_kind,
         "peak_memory_gib_per_process": [round(p, 3) for p, _ in peaks],
         "processes": batch.processes,
-        "per_device_batch": batch.per_device,  # examples, or packed rows on the speed paths
+        "per_device_batch": batch.per_device,  # examples, or packed rows when packing
         "grad_accum": batch.accum,
         "global_batch": batch.global_batch,
         "global_batch_kept": batch.kept,

@@ -1,0 +1,130 @@
+"""Attention for packed rows: each example attends to itself only, whatever shares its row.
+
+TRL's padding-free collator flattens a micro-batch into one sequence and gives the example
+boundaries (cu_seq_lens_q/k) beside restarting position ids. `varlen_attention` hands them to
+flash attention's variable-length kernel, registered with transformers as VARLEN; FLEX is
+transformers' FlexAttention with its document mask, kept for comparison (bench). `steady_kwargs`
+keeps what reaches compiled decoder layers the same from batch to batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VARLEN = "prodtune_varlen"
+"""Attention implementation name of `varlen_attention` in transformers' registries."""
+FLEX = "prodtune_flex"
+"""transformers' FlexAttention with contiguous q/k/v (see `register_flex`)."""
+
+# Keyword arguments TRL's padding-free collator adds for variable-length kernels. The example
+# boundaries (cu_seq_lens_*) are what varlen attention needs; the rest change value or shape with
+# every batch and would make compiled layers recompile, so they are replaced or dropped first.
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def steady_kwargs(max_length: int, keep_boundaries: bool) -> Any:
+    """A forward pre-hook for the decoder stack: what reaches the layers keeps one type and value
+    from batch to batch, so compiled layers do not recompile. With varlen attention the example
+    boundaries stay (their length changes: marked dynamic) and the longest-example bound becomes
+    the constant row length; otherwise the varlen keyword arguments are dropped."""
+    import torch
+
+    def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        kwargs.pop("seq_idx", None)
+        if keep_boundaries and kwargs.get("cu_seq_lens_q") is not None:
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+                torch._dynamo.maybe_mark_dynamic(kwargs[key], 0)
+            kwargs["max_length_q"] = kwargs["max_length_k"] = max_length
+        else:
+            for key in VARLEN_KWARGS:
+                kwargs.pop(key, None)
+        return args, kwargs
+
+    return hook
+
+
+def register_varlen() -> str:
+    """Register `varlen_attention` with transformers' attention interface (and no mask: the
+    example boundaries are the mask); return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _no_mask)
+    return VARLEN
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                     scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """Causal attention within each packed example and never across: flash attention's
+    variable-length kernel over the boundaries in cu_seq_lens_q (transformers' attention signature,
+    q/k/v as [1, heads, tokens, head_dim]). Without boundaries it is transformers' SDPA.
+
+    Hand-written because transformers reaches this kernel only through the flash-attn package
+    (no wheels for the GPU image, none on a T4), while torch ships it as aten._flash_attention_forward
+    with its backward; on a CPU a dense reference of the same mask runs (tests).
+    """
+    import torch
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or dropout:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    # [1, heads, tokens, dim] -> [tokens, heads, dim], the layout the kernel reads.
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    max_len = int(kwargs.get("max_length_q") or q.shape[0])
+    dtype = q.dtype
+    if q.is_cuda and dtype not in (torch.float16, torch.bfloat16):  # the kernel's dtypes; fp32 models too
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if q.is_cuda:
+        window = kwargs.get("sliding_window")
+        extra = {"window_size_left": window - 1, "window_size_right": 0} if window and max_len > window else {}
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), max_len, max_len, 0.0, True, False,
+            scale=scaling, **extra)[0]
+    else:
+        out = _varlen_reference(q, k, v, cu, scaling)
+    return out.to(dtype).unsqueeze(0), None
+
+
+def _varlen_reference(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
+    """The same attention with a dense [tokens, tokens] mask: for CPU tests, never for speed."""
+    import torch
+    import torch.nn.functional as F
+
+    n = q.shape[0]
+    pos = torch.arange(n, device=q.device)
+    doc = torch.searchsorted(cu[1:].to(torch.int64), pos, right=True)
+    mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def register_flex() -> str:
+    """Register FLEX with transformers' attention and mask interfaces; return its name.
+
+    Kept to compare against varlen attention (bench). Inside a compiled layer, inductor (torch
+    2.13, seen on the CPU) fused RoPE into the flex kernel's non-contiguous q/k inputs and got
+    wrong results; contiguous inputs are right.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    def flex_contiguous(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
+        return flex_attention_forward(module, query.contiguous(), key.contiguous(), value.contiguous(),
+                                      attention_mask, **kwargs)
+
+    AttentionInterface.register(FLEX, flex_contiguous)
+    AttentionMaskInterface.register(FLEX, flex_attention_mask)
+    return FLEX
