@@ -3,9 +3,10 @@
     prodtune clean   --config configs/demo.yaml [key=value ...]
     prodtune format  --config configs/demo.yaml
     prodtune train   --config configs/demo.yaml [--resume]
-    prodtune merge   --config configs/demo.yaml
-    prodtune compare --config configs/demo.yaml
+    prodtune compare --config configs/demo.yaml [--model merged|gguf]
+    prodtune export  --config configs/demo.yaml [export.formats=merged,gguf-q8_0,modelfile,card]
     prodtune run     --config configs/demo.yaml        (all stages, skipping finished ones)
+    prodtune push    --run outputs/demo --repo USER/NAME [--what adapter|merged|gguf] [--private] [--dry-run]
     prodtune ask "Mog's Kittens" --run outputs/demo [--base]
     prodtune config  --config configs/demo.yaml        (print the resolved config)
 
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prodtune.errors import UserError
-from prodtune.io import COMPARE_SPLITS
+from prodtune.io import COMPARE_MODELS, COMPARE_SPLITS
 
 # stage name -> (module, function, one-line help). Imported lazily so --help stays instant.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -33,10 +34,11 @@ STAGES: dict[str, tuple[str, str, str]] = {
                "Stage 2: turn clean rows into prompt-completion JSONL splits under format/."),
     "train": ("prodtune.train", "train_stage",
               "Stage 3: LoRA/QLoRA fine-tuning with TRL's SFTTrainer; writes train/adapter."),
-    "merge": ("prodtune.train", "merge_stage",
-              "Merge the trained adapter into the base model (safetensors) under train/merged."),
     "compare": ("prodtune.evaluate", "compare_stage",
                 "Stage 4: base vs tuned answers on the held-out test split, metrics and a report."),
+    "export": ("prodtune.export", "export_stage",
+               "Ship the tuned model into export/: merged safetensors, GGUF, Ollama Modelfile, model card "
+               "(export.formats)."),
     "run": ("prodtune.pipeline", "run_pipeline",
             "Every stage in order; a stage already finished with the same config is skipped."),
 }
@@ -69,12 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", choices=COMPARE_SPLITS, default="test",
                            help="validation: compare on format/validation.jsonl into compare-validation/, "
                                 "to choose eval settings without looking at the test split")
+            p.add_argument("--model", default="adapter", metavar="|".join(COMPARE_MODELS),
+                           help="the tuned model to score: the adapter on the base (compare/), or what export "
+                                "shipped: merged (compare-merged/), gguf (the first GGUF; gguf-<type> for another)")
     p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",
                        description="One answer from the tuned (or base) model of a finished run.")
     p.add_argument("question", help="a question, or just a product title")
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
     p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override eval.max_new_tokens")
+    help_text = "Upload a run's adapter, merged model or GGUF files to the Hugging Face Hub in one commit."
+    p = sub.add_parser("push", help=help_text, description=help_text + " The token is HF_TOKEN or the saved login.")
+    p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
+    p.add_argument("--repo", required=True, help="Hub model repo, USER/NAME (created if missing)")
+    p.add_argument("--what", choices=["adapter", "merged", "gguf"], default="adapter",
+                   help="adapter: train/adapter; merged: export/merged; gguf: export/*.gguf and the Modelfile")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="list every file and the target; send nothing")
     p = sub.add_parser("config", help="Print the resolved config (YAML), or every key with --fields.",
                        description="Print the resolved config (YAML), or every key with --fields.")
     _add_config_args(p)
@@ -112,6 +125,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                    max_new_tokens=args.max_new_tokens)
         print(answer)
         return 0
+    if args.command == "push":
+        result = _call("prodtune.push", "push")(args.run, args.repo, what=args.what, private=args.private,
+                                                dry_run=args.dry_run)
+        print(result["summary"])
+        return 0
     if args.command == "config" and args.fields:
         print(describe_fields())
         return 0
@@ -129,6 +147,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         kwargs["force"] = args.force
     if args.command == "compare" and args.split != "test":
         kwargs["split"] = args.split
+    if args.command == "compare" and args.model != "adapter":
+        kwargs["which"] = args.model
     from prodtune.distributed import launched_processes
 
     launched = launched_processes()
@@ -137,7 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                         f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
     started = time.time()
     result = _call(module, func)(cfg, **kwargs)
-    if args.command in ("clean", "format", "train", "compare") and not kwargs.get("split"):
+    if args.command in ("clean", "format", "train", "compare", "export") and not (kwargs.get("split") or kwargs.get("which")):
         # So that a later `prodtune run` knows this stage is finished with this config.
         from prodtune.distributed import is_main_process
         from prodtune.pipeline import mark_finished

@@ -253,21 +253,24 @@ def statistics(scores: dict[str, np.ndarray], answers: list[str], references: li
     return stats
 
 
-def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
+def compare_stage(cfg: Config, split: str = "test", which: str = "adapter") -> dict[str, Any]:
     """Answers of base and tuned on format/test.jsonl, metrics with intervals, answers.csv and reports.
 
     split="validation" does the same on format/validation.jsonl into compare-validation/: for
     choosing decoding settings (eval.*) without looking at the test split, whose numbers are the
-    result to report.
+    result to report. which="merged" or "gguf" (or "gguf-<type>") scores a model `prodtune export`
+    shipped instead of the adapter on the base, into compare-merged/ or compare-gguf/.
     """
     import pandas as pd
 
+    from prodtune.export import load_shipped, shipped_model
     from prodtune.generate import adapter_off, generate, load_model, stop_token_ids
     from prodtune.report import write_reports
 
     if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
-    paths = RunPaths(cfg.run_dir, split)
+    paths = RunPaths(cfg.run_dir, split, which)
+    shipped = None if which == "adapter" else shipped_model(paths, which, cfg.run_name)
     save_config(cfg, paths.compare_config)
     rows = select_items(read_jsonl(paths.split(split)), cfg.eval)
     if not rows:
@@ -283,6 +286,10 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     with adapter_off(model):
         base = generate(model, tokenizer, prompts, cfg.eval, desc="base answers")
         base_loss = reference_losses(model, tokenizer, rows, cfg.train.max_length, loss_batch, "base loss")
+    if shipped is not None:  # the base answered; the exported model answers for the tuned side
+        del model
+        gc.collect()
+        model = load_shipped(cfg.model, shipped)
     tuned = generate(model, tokenizer, prompts, cfg.eval, desc="tuned answers")
     tuned_loss = reference_losses(model, tokenizer, rows, cfg.train.max_length, loss_batch, "tuned loss")
     del model
@@ -311,7 +318,7 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     write_json(paths.metrics_json, metrics)
     info = {"run": cfg.run_name, "model": cfg.model.name_or_path, "adapter": str(paths.adapter),
             "embedding_model": embedder or "(skipped)",
-            "split": split,
+            "split": split, "tuned": str(shipped or f"{paths.adapter} on the base"),
             "decoding": describe_decoding(cfg.eval),
             "bootstrap_samples": cfg.eval.bootstrap_samples, "stop_tokens": stops}
     write_reports(paths, metrics, table, info)
@@ -344,7 +351,8 @@ def _empty_cuda_cache() -> None:
 def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
     """The lines `prodtune compare` and `prodtune run` print: report path, ROUGE-L and chrF."""
     items = "held-out" if paths.compare_split == "test" else paths.compare_split
-    lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
+    model = "" if paths.compare_model == "adapter" else f" (tuned = the exported {paths.compare_model})"
+    lines = [f"compare: {metrics['n']} {items} items{model}; report: {paths.report_html}",
              f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}"]
     for name, label in (("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("embedding_cosine", "cosine"),
                         ("stop_rate", "stop rate")):

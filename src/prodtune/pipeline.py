@@ -1,4 +1,4 @@
-"""`prodtune run`: clean -> format -> train -> compare, skipping stages already done.
+"""`prodtune run`: clean -> format -> train -> compare [-> export], skipping stages already done.
 
 After a stage returns, `<stage folder>/.stage.json` records a hash of the config it depends on
 (chained with the hashes of the stages before it) and when it finished. On the next run a stage
@@ -38,6 +38,8 @@ class Stage:
     outputs: Callable[[RunPaths], list[Path]]
     depends_on: Callable[[Config], Any]
     """The config values (and input fingerprints) the stage's outputs depend on."""
+    wanted: Callable[[Config], bool] = lambda cfg: True
+    """Whether `prodtune run` runs this stage at all with this config (export only when export.formats asks)."""
 
 
 def _fields(section: Any, keep: Callable[[str], bool]) -> dict[str, Any]:
@@ -70,6 +72,9 @@ STAGES = [
           lambda p: [p.adapter / "adapter_config.json", p.train_report], lambda c: [c.model, c.lora, c.train]),
     Stage("compare", "prodtune.evaluate", "compare_stage", lambda p: p.compare,
           lambda p: [p.answers_csv, p.metrics_json, p.report_md, p.report_html], lambda c: [c.eval]),
+    # The model card quotes compare's numbers, so a new comparison redoes the export.
+    Stage("export", "prodtune.export", "export_stage", lambda p: p.export, lambda p: [p.export_report],
+          lambda c: [c.export], wanted=lambda c: bool(c.export.formats)),
 ]
 
 
@@ -147,6 +152,9 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     upstream_ran = False
     for stage in STAGES:
+        if not stage.wanted(cfg):
+            print(f"run: {stage.name:<8} not asked (export.formats is empty)", flush=True)
+            continue
         action, why = plan_stage(stage, paths, hashes[stage.name], upstream_ran, force)
         print(f"run: {stage.name:<8} {'skipped' if action == 'skip' else action + 'ning'} ({why})", flush=True)
         status[stage.name] = {"skip": "skipped", "run": "ran", "resume": "resumed"}[action]
@@ -161,8 +169,8 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
         report = fn(cfg, resume=True) if action == "resume" else fn(cfg)
         reports[stage.name] = report
         mark_finished(cfg, stage.name, round(time.time() - started, 1))
-        if stage.name != "compare" and isinstance(report, dict) and report.get("summary"):
-            print(report["summary"], flush=True)  # compare's headline closes the run's summary
+        if stage.name not in ("compare", "export") and isinstance(report, dict) and report.get("summary"):
+            print(report["summary"], flush=True)  # compare's headline and export's files close the run's summary
     lines = ["run: " + ", ".join(f"{name} {s}" for name, s in status.items()) + f"  ({paths.root})"]
     if status["compare"] == "skipped" and paths.metrics_json.is_file():
         from prodtune.evaluate import headline
@@ -170,5 +178,9 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
         lines.append(headline(read_json(paths.metrics_json), paths))  # the numbers, even when nothing ran
     elif isinstance(reports.get("compare"), dict) and reports["compare"].get("summary"):
         lines.append(reports["compare"]["summary"])
+    if isinstance(reports.get("export"), dict) and reports["export"].get("summary"):
+        lines.append(reports["export"]["summary"])
+    elif status.get("export") == "skipped":
+        lines.append(f"export: {paths.export} (unchanged)")
     return {"stages": status, "hashes": hashes, "reports": reports, "run_dir": str(paths.root),
             "summary": "\n".join(lines)}
