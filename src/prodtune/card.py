@@ -151,7 +151,7 @@ def _files_table(files: dict[str, int]) -> list[str]:
             return f"GGUF {name.rsplit('-', 1)[-1].removesuffix('.gguf')} (llama.cpp, Ollama, LM Studio)"
         return {"Modelfile": "Ollama Modelfile", "README.md": "this card", "loss.png": "training curve",
                 "adapter_model.safetensors": "LoRA adapter weights (peft)", "adapter_config.json": "LoRA settings (peft)",
-                "export_report.json": "what the export wrote, with timings"}.get(name, "")
+                }.get(name, "")
 
     rows = ["| file | size | what |", "| --- | --- | --- |"]
     for name, size in files.items():
@@ -194,7 +194,8 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
     splits = fmt_report.get("splits", {})
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
              f"# {base.split('/')[-1]} tuned to describe products ({cfg.run_name})", "",
-             f"A fine-tune of [{base}](https://huggingface.co/{base}) that answers questions about e-commerce products "
+             f"A fine-tune of {f'[{base}](https://huggingface.co/{base})' if HUB_ID.match(base) else f'`{base}`'} "
+             "that answers questions about e-commerce products "
              "from their title: asked about a product, it writes a product description in the style of the "
              f"training data (`{cfg.data.raw_path}`). LoRA adapters (r={cfg.lora.r}, alpha={cfg.lora.alpha}"
              f"{', on a 4-bit NF4 base: QLoRA' if cfg.model.load_in_4bit else ''}) trained with TRL's SFTTrainer "
@@ -203,6 +204,8 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
         lines += ["", f"The base weights were read from `{Path(cfg.model.name_or_path).name}` (a quantized GGUF) and "
                       f"dequantized: they differ from the original {base} by that quantization."]
     lines += ["", "## Files", "", *_files_table(files)]
+    if what == "export":
+        lines += ["", "(and `export_report.json`, prodtune's record of this export: formats, sizes, timings)"]
     lines += ["", "## Prompt format", "",
               "The base model's chat template, with this system prompt and a question about one product "
               f"(one of {len(cfg.data.question_templates)} phrasings, e.g. `{cfg.data.question_templates[0]}`):", "",
@@ -232,12 +235,12 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
     recipe = [("base model", f"`{cfg.model.name_or_path}`" + (" in 4-bit NF4" if cfg.model.load_in_4bit else "")),
               ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, "
                        f"on {', '.join(train.get('lora_targets') or [str(cfg.lora.target_modules)])}"),
-              ("training", f"{t.epochs:g} epochs (max_steps {t.max_steps}), learning rate {t.learning_rate:g} "
+              ("training", f"{t.epochs:g} epoch(s) (max_steps {t.max_steps}), learning rate {t.learning_rate:g} "
                            f"{t.lr_scheduler} with {t.warmup_steps} warm-up steps, batch {t.batch_size} × {t.grad_accum}, "
                            f"{t.optim}, weight decay {t.weight_decay}, max length {t.max_length}, seed {t.seed}"),
               ("loss", "on the answer and its end-of-turn token only (prompt tokens masked)"),
-              ("data", f"{splits.get('train', {}).get('rows', '?')} training, {splits.get('validation', {}).get('rows', '?')} "
-                       f"validation and {splits.get('test', {}).get('rows', '?')} test examples from `{cfg.data.raw_path}`"),
+              ("data", (f"{splits['train']['rows']} training, {splits['validation']['rows']} validation and "
+                        f"{splits['test']['rows']} test examples" if splits else "examples") + f" from `{cfg.data.raw_path}`"),
               ("decoding evaluated", _decoding(e))]
     if train:
         recipe.append(("run", f"{train.get('steps')} steps on {train.get('device')} ({train.get('precision')}) in "
@@ -278,7 +281,7 @@ def _limitations(cfg: Config, metrics: dict[str, Any] | None, fmt_report: dict[s
 
 def _usage(cfg: Config, paths: RunPaths, what: str, ref: str, files: dict[str, int], ggufs: list[str]) -> list[str]:
     system = cfg.data.system_prompt.replace('"', '\\"')
-    question = "Describe the product 'Mog\\'s Kittens'."
+    question = "Describe the product 'Klutz Book of Knots'."
     adapter_ref = ref if what == "adapter" else str(paths.adapter)
     merged_ref = ref if what == "merged" else ("./merged" if any(n.startswith("merged/") for n in files) else None)
     lines = ["### transformers + peft", "", "```python", "from peft import AutoPeftModelForCausalLM",
@@ -289,9 +292,10 @@ def _usage(cfg: Config, paths: RunPaths, what: str, ref: str, files: dict[str, i
         lines += [f'# or the merged model: AutoModelForCausalLM.from_pretrained("{merged_ref}")']
     lines += [f'messages = [{{"role": "system", "content": "{system}"}},' if system else "messages = [",
               f'            {{"role": "user", "content": "{question}"}}]',
-              'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
-              f"out = model.generate(ids, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)",
-              "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", ""]
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+              "return_dict=True)",
+              f"out = model.generate(**inputs, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)",
+              'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
     gguf_name = ggufs[0] if ggufs else paths.gguf(cfg.run_name, "q8_0").name
     tag = gguf_name.rsplit("-", 1)[-1].removesuffix(".gguf")
     sys_flag = f' -sys "{system}"' if system else ""
@@ -305,7 +309,7 @@ def _usage(cfg: Config, paths: RunPaths, what: str, ref: str, files: dict[str, i
     lines += ["```", "", "### Ollama", "", "```bash"]
     if "Modelfile" in files:
         lines += ["ollama create product-describer -f Modelfile   # in the folder holding the GGUF and the Modelfile",
-                  'ollama run product-describer "Describe the product \'Mog\'s Kittens\'."']
+                  f'ollama run product-describer "{question}"']
     else:
         lines += ["# prodtune export writes a Modelfile (export.formats=...,modelfile) with the template, system prompt and stops"]
     if what == "gguf" and ggufs:
