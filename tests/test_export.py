@@ -393,3 +393,50 @@ def test_interrupted_export_leaves_the_previous_export_whole(shipped, tmp_path, 
     assert after == before
     leftovers = [p for p in run.rglob("*") if p.name.startswith(".") and p.name != ".stage.json"]
     assert leftovers == []
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_demo_gguf_as_transformers_does(tmp_path):
+    """The demo model with a small LoRA adapter, exported by export_stage: llama.cpp (llama-cpp-python)
+    tokenizes the chat prompt as transformers does and its greedy tokens are transformers' for the first 16."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles "
+                                                        "llama.cpp: pip install llama-cpp-python)")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from prodtune import models
+    from prodtune.export import export_stage
+
+    cfg = load_config("configs/demo.yaml", [f"output_dir={tmp_path}", "run_name=demo",
+                                             "export.formats=merged,gguf-q8_0,gguf-q4_k_m"])
+    paths = RunPaths(tmp_path)
+    base = models.local_model_path(cfg.model)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)  # a trained-looking adapter: it moves the answers, not wrecks them
+    model.save_pretrained(paths.adapter)
+    tok = models.load_tokenizer(cfg.model, base)
+    tok.save_pretrained(paths.adapter)
+    export_stage(cfg)
+    assert paths.gguf("demo", "q4_k_m").stat().st_size < paths.gguf("demo", "q8_0").stat().st_size
+
+    messages = [{"role": "system", "content": cfg.data.system_prompt},
+                {"role": "user", "content": "Describe the product 'The Very Hungry Caterpillar'."}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for gguf_type in ("q8_0", "q4_k_m"):
+        llm = llama_cpp.Llama(model_path=str(paths.gguf("demo", gguf_type)), n_ctx=512, n_threads=2, seed=0,
+                              verbose=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            theirs.append(token)
+            if len(theirs) == 16:
+                break
+        ours = _greedy(_load_gguf(paths.gguf("demo", gguf_type)), torch.tensor([ids]), n=16)
+        assert theirs == ours, gguf_type

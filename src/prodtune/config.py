@@ -223,8 +223,7 @@ class ExportConfig:
     """Shipping the tuned model (prodtune export): merged weights, GGUF files, an Ollama Modelfile, a model card."""
 
     formats: list[str] = field(default_factory=list)
-    """What export writes and `prodtune run` ends with: merged, gguf-<type> (f16, bf16, f32, q8_0; q4_k_m, q5_k_m,
-    q6_k, ... with llama-cpp-python), modelfile (Ollama, from the first GGUF), card ([] = run does not export)."""
+    """What export writes and `prodtune run` ends with ([] = none): merged, gguf-<type> (f16, bf16, f32, q8_0; q4_k_m and other K-quants need llama-cpp-python), modelfile, card."""
     base_model: str | None = None
     """Hub id the model card names as base_model (default: model.name_or_path if a hub id, else the GGUF's metadata)."""
 
