@@ -310,14 +310,13 @@ def test_push_offline_fails_in_one_line(shipped, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- the shipped model, scored
 
+@pytest.mark.parametrize("shipped", ["llama"], indirect=True)  # one architecture is enough for the plumbing
 def test_compare_scores_the_exported_models_without_touching_compare(shipped):
     import pandas as pd
 
     from prodtune.evaluate import compare_stage
 
     arch, cfg, _ = shipped
-    if arch != "llama":
-        pytest.skip("one architecture is enough for the comparison plumbing")
     paths = RunPaths(cfg.run_dir)
     before = {p.name: p.read_bytes() for p in paths.compare.iterdir()}
     merged = compare_stage(cfg, which="merged")
@@ -397,12 +396,31 @@ def test_interrupted_export_leaves_the_previous_export_whole(shipped, tmp_path, 
 
 # ----------------------------------------------------------------------------- llama.cpp itself
 
+# Run in a child process: a crash inside llama.cpp (a CPU kernel it picks) fails this test, not the session.
+LLAMA_CPP_GREEDY = r"""
+import json, os, sys
+import llama_cpp
+job = json.loads(sys.stdin.read())
+llm = llama_cpp.Llama(model_path=job["path"], n_ctx=512, n_threads=2, seed=0, verbose=False)
+tokens = []
+for token in llm.generate(job["ids"], temp=0.0, top_k=1, repeat_penalty=1.0):
+    tokens.append(token)
+    if len(tokens) == job["n"]:
+        break
+print(json.dumps({"tokenized": llm.tokenize(job["text"].encode(), add_bos=False, special=True), "tokens": tokens}))
+sys.stdout.flush()
+os._exit(0)  # llama-cpp-python 0.3.36 may crash freeing its context at interpreter exit
+"""
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_the_demo_gguf_as_transformers_does(tmp_path):
     """The demo model with a small LoRA adapter, exported by export_stage: llama.cpp (llama-cpp-python)
     tokenizes the chat prompt as transformers does and its greedy tokens are transformers' for the first 16."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles "
-                                                        "llama.cpp: pip install llama-cpp-python)")
+    import subprocess
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp: "
+                                            "pip install llama-cpp-python)")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -410,7 +428,7 @@ def test_llama_cpp_runs_the_demo_gguf_as_transformers_does(tmp_path):
     from prodtune.export import export_stage
 
     cfg = load_config("configs/demo.yaml", [f"output_dir={tmp_path}", "run_name=demo",
-                                             "export.formats=merged,gguf-q8_0,gguf-q4_k_m"])
+                                             "export.formats=merged,gguf-f16,gguf-q8_0,gguf-q4_k_m"])
     paths = RunPaths(tmp_path)
     base = models.local_model_path(cfg.model)
     torch.manual_seed(0)
@@ -429,14 +447,12 @@ def test_llama_cpp_runs_the_demo_gguf_as_transformers_does(tmp_path):
                 {"role": "user", "content": "Describe the product 'The Very Hungry Caterpillar'."}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    for gguf_type in ("q8_0", "q4_k_m"):
-        llm = llama_cpp.Llama(model_path=str(paths.gguf("demo", gguf_type)), n_ctx=512, n_threads=2, seed=0,
-                              verbose=False)
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        theirs = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
-            theirs.append(token)
-            if len(theirs) == 16:
-                break
-        ours = _greedy(_load_gguf(paths.gguf("demo", gguf_type)), torch.tensor([ids]), n=16)
-        assert theirs == ours, gguf_type
+    for gguf_type in ("f16", "q8_0", "q4_k_m"):
+        path = paths.gguf("demo", gguf_type)
+        job = json.dumps({"path": str(path), "ids": ids, "text": text, "n": 16})
+        done = subprocess.run([sys.executable, "-c", LLAMA_CPP_GREEDY], input=job, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"llama.cpp on {path.name}: exit {done.returncode}: {done.stderr[-500:]}"
+        theirs = json.loads(done.stdout.strip().splitlines()[-1])
+        assert theirs["tokenized"] == ids, gguf_type
+        assert theirs["tokens"] == _greedy(_load_gguf(path), torch.tensor([ids]), n=16), gguf_type

@@ -225,8 +225,8 @@ def export_stage(cfg: Config) -> dict[str, Any]:
                 print(f"export: GGUF {t} (llama.cpp's quantizer)", flush=True)
                 quantize_gguf(f16, tmp / paths.gguf(cfg.run_name, t).name, t)
                 seconds[f"gguf-{t}"] = round(time.time() - clock, 1)
-        for scratch in (tmp / ".merged", tmp / ".f16.gguf"):
-            shutil.rmtree(scratch, ignore_errors=True) if scratch.is_dir() else scratch.unlink(missing_ok=True)
+        shutil.rmtree(tmp / ".merged", ignore_errors=True)  # scratch: the merge and F16 only GGUFs needed
+        (tmp / ".f16.gguf").unlink(missing_ok=True)
         if "modelfile" in formats:
             write_modelfile(cfg, paths, tmp / paths.modelfile.name, paths.gguf(cfg.run_name, types[0]).name)
         if "card" in formats:
