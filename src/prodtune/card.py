@@ -105,6 +105,9 @@ def _cell(entry: dict[str, Any], signed: bool = False) -> str:
 def _verdict(name: str, diff: dict[str, Any]) -> str:
     from prodtune.report import verdict
 
+    lo, hi = diff["ci95"]
+    if name == "length_words" and (lo > 0 or hi < 0):  # neither better nor worse: just a direction
+        return "longer" if lo > 0 else "shorter"
     return {"better": "better", "worse": "worse", "same": "no clear difference"}[verdict(name, diff)]
 
 
