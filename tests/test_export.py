@@ -396,6 +396,9 @@ def test_interrupted_export_leaves_the_previous_export_whole(shipped, tmp_path, 
 
 # ----------------------------------------------------------------------------- llama.cpp itself
 
+LLAMA_CPP_TIE = 0.25
+"""How far below transformers' best logit a token llama.cpp picks from a quantized GGUF may be (a near tie)."""
+
 # Run in a child process: a crash inside llama.cpp (a CPU kernel it picks) fails this test, not the session.
 LLAMA_CPP_GREEDY = r"""
 import json, os, sys
@@ -455,4 +458,17 @@ def test_llama_cpp_runs_the_demo_gguf_as_transformers_does(tmp_path):
         assert done.returncode == 0, f"llama.cpp on {path.name}: exit {done.returncode}: {done.stderr[-500:]}"
         theirs = json.loads(done.stdout.strip().splitlines()[-1])
         assert theirs["tokenized"] == ids, gguf_type
-        assert theirs["tokens"] == _greedy(_load_gguf(path), torch.tensor([ids]), n=16), gguf_type
+        model = _load_gguf(path)
+        ours = _greedy(model, torch.tensor([ids]), n=16)
+        if gguf_type == "f16":
+            assert theirs["tokens"] == ours
+            continue
+        # For Q8_0 and K-quants llama.cpp also rounds the activations to 8 bits before its integer dot
+        # products; transformers multiplies the dequantized weights in float32. Where two tokens are
+        # nearly tied the two can pick differently: every token llama.cpp picks must be transformers'
+        # first choice or within LLAMA_CPP_TIE logits of it, the first 8 exactly the same.
+        assert theirs["tokens"][:8] == ours[:8], gguf_type
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + theirs["tokens"]])).logits[0, len(ids) - 1:-1]
+        gaps = logits.max(-1).values - logits.gather(1, torch.tensor(theirs["tokens"])[:, None])[:, 0]
+        assert gaps.max() <= LLAMA_CPP_TIE, (gguf_type, gaps.tolist())
