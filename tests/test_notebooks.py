@@ -264,6 +264,8 @@ def test_the_three_notebooks_run_top_to_bottom(tmp_path):
     assert "question (user)" in shown["transforma-em-json.ipynb"]
     assert "rouge_l" in shown["treino-e-teste.ipynb"] and "tuned − base" in shown["treino-e-teste.ipynb"]
     assert images["treino-e-teste.ipynb"] >= 2  # the loss curve and the metric chart
+    assert run.model_card.is_file() and run.gguf("demo", "q8_0").is_file() and run.modelfile.is_file()
+    assert "push --dry-run" in shown["treino-e-teste.ipynb"] and "README.md" in shown["treino-e-teste.ipynb"]
     # The notebooks record their stages as the CLI does: `prodtune run` afterwards redoes nothing.
     from prodtune.config import load_config
     from prodtune.pipeline import plan_stage

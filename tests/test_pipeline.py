@@ -188,7 +188,7 @@ def test_every_stage_is_listed_once_and_reachable_from_the_cli():
     from prodtune.cli import build_parser
 
     names = [s.name for s in stages.STAGES]
-    assert names == ALL and len(set(names)) == len(names)
+    assert names == [*ALL, "export"] and len(set(names)) == len(names)
     commands = build_parser()._subparsers._group_actions[0].choices
     for stage in stages.STAGES:
         assert callable(stage.function) and stage.name in commands
@@ -220,3 +220,24 @@ def test_real_stages_on_the_tiny_model(tiny_model_dir, sample_raw, tmp_path, cap
     second = pipeline.run_pipeline(cfg)
     assert second["stages"] == dict.fromkeys(ALL, "skipped")
     assert "ROUGE-L" in second["summary"]
+
+
+def test_export_runs_last_when_asked_and_is_skipped_when_done(cfg, fakes):
+    cfg.data.count_tokens = False
+    cfg.export.formats = ["merged", "card"]
+    first = pipeline.run_pipeline(cfg)
+    assert fakes.names() == ALL + ["export"] and first["stages"]["export"] == "ran"
+    assert "export done" in first["summary"]
+    assert pipeline.run_pipeline(cfg)["stages"]["export"] == "skipped" and fakes.names() == []
+    cfg.eval.max_new_tokens = 32  # the card quotes compare's numbers: a new comparison, a new export
+    pipeline.run_pipeline(cfg)
+    assert fakes.names() == ["compare", "export"]
+    cfg.export.formats = ["merged"]
+    pipeline.run_pipeline(cfg)
+    assert fakes.names() == ["export"]
+
+
+def test_export_is_not_run_unless_asked(cfg, fakes, capsys):
+    result = pipeline.run_pipeline(cfg)
+    assert fakes.names() == ALL and "export" not in result["stages"]
+    assert "export   not asked (export.formats is empty)" in capsys.readouterr().out

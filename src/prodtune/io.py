@@ -234,14 +234,20 @@ def sweep_temporaries(root: Path) -> list[Path]:
 COMPARE_SPLITS = ("test", "validation")
 """Splits `prodtune compare` runs on: test (the result) and validation (for choosing eval settings)."""
 
+COMPARE_MODELS = ("adapter", "merged", "gguf")
+"""What `prodtune compare` scores against the base: the adapter on the base (the run's result), or a shipped
+form from export/: the merged weights, or a GGUF file (`gguf` = the export's first, `gguf-<type>` = that one)."""
+
 
 class RunPaths:
     """Where each stage reads and writes inside one run folder."""
 
-    def __init__(self, run_dir: str | Path, compare_split: str = "test"):
+    def __init__(self, run_dir: str | Path, compare_split: str = "test", compare_model: str = "adapter"):
         self.root = Path(run_dir).expanduser()
         self.compare_split = compare_split
         """Split of the comparison: test -> compare/, validation -> compare-validation/."""
+        self.compare_model = compare_model
+        """Model compared with the base: adapter -> compare/, merged -> compare-merged/, gguf -> compare-gguf/."""
 
     @property
     def config(self) -> Path:
@@ -262,14 +268,19 @@ class RunPaths:
 
     @property
     def compare(self) -> Path:
-        return self.root / ("compare" if self.compare_split == "test" else f"compare-{self.compare_split}")
+        parts = ["compare"] + [p for p in (self.compare_model, self.compare_split) if p not in ("adapter", "test")]
+        return self.root / "-".join(parts)
 
     @property
     def compare_config(self) -> Path:
-        """Where a comparison records its config: the test comparison is the run's own stage (the
-        run's config.yaml, which `ask` and the notebooks read); a validation one tries settings and
-        keeps them in its folder."""
-        return self.config if self.compare_split == "test" else self.compare / "config.yaml"
+        """Where a comparison records its config: the test comparison of the adapter is the run's own
+        stage (the run's config.yaml, which `ask` and the notebooks read); the others keep theirs in
+        their folder."""
+        return self.config if self.compare == self.root / "compare" else self.compare / "config.yaml"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
 
     # files
     @property
@@ -318,7 +329,23 @@ class RunPaths:
 
     @property
     def merged(self) -> Path:
-        return self.train / "merged"
+        return self.export / "merged"
+
+    def gguf(self, run_name: str, gguf_type: str) -> Path:
+        """export/<run>-<TYPE>.gguf, the type upper-cased as llama.cpp and the Hub name quantizations."""
+        return self.export / f"{run_name}-{gguf_type.upper()}.gguf"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.export / "Modelfile"
+
+    @property
+    def model_card(self) -> Path:
+        return self.export / "README.md"
+
+    @property
+    def export_report(self) -> Path:
+        return self.export / "export_report.json"
 
     @property
     def answers_csv(self) -> Path:

@@ -275,24 +275,3 @@ def peft_lora_config(r: int, alpha: int, dropout: float, targets: list[str]) -> 
 
     return PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                           bias="none", task_type="CAUSAL_LM")
-
-
-# ----------------------------------------------------------------------------- merging
-
-def merge_adapter(cfg: ModelConfig, adapter: str | Path, out_dir: str | Path, device: str = "auto") -> Path:
-    """Fold a LoRA adapter into its base and save a plain safetensors model + tokenizer.
-
-    A 4-bit base is reloaded in its compute dtype (not 4-bit) and merged there: a merged 4-bit
-    model cannot be saved losslessly, and serving engines want plain weights. The adapter was
-    trained against the quantized weights, so the merged model differs from base(4-bit)+adapter
-    by the quantization error, the usual QLoRA trade-off.
-    """
-    from prodtune.io import atomic_dir
-
-    model = load_model(cfg, device, adapter=adapter, quantize=False)
-    merged = model.merge_and_unload()
-    tokenizer = load_tokenizer(cfg, path=str(adapter))
-    with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)

@@ -88,6 +88,26 @@ def setup(use_drive: bool = False, drive_folder: str = "prodtune") -> Env:
     return Env(colab=colab, drive=use_drive and colab, root=root, data_dir=data_dir, runs_dir=runs_dir)
 
 
+def hub_login() -> None:
+    """Make a Hugging Face token available to `push`: one already set or saved, else Colab's secret
+    named HF_TOKEN, else huggingface_hub's login box (paste a token with write access)."""
+    import huggingface_hub
+
+    if huggingface_hub.get_token():
+        return
+    if in_colab():
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
+
+            token = userdata.get("HF_TOKEN")
+        except Exception:  # no such secret, or the notebook was not granted access to it
+            token = None
+        if token:
+            os.environ["HF_TOKEN"] = token
+            return
+    huggingface_hub.notebook_login()
+
+
 def _show_user_errors_briefly() -> None:
     """A UserError stops the cell (and 'Run all') but prints one line, as the CLI does."""
     try:

@@ -58,6 +58,9 @@ def _run_stages(cfg: Config, paths: RunPaths, force: bool) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     upstream_ran = False
     for stage in stages.STAGES:
+        if not stage.wanted(cfg):
+            print(f"run: {stage.name:<8} not asked (export.formats is empty)", flush=True)
+            continue
         action, why = plan_stage(stage, paths, hashes[stage.name], upstream_ran, force)
         print(f"run: {stage.name:<8} {DOING[action]} ({why})", flush=True)
         status[stage.name] = DONE[action]
@@ -66,13 +69,17 @@ def _run_stages(cfg: Config, paths: RunPaths, force: bool) -> dict[str, Any]:
         upstream_ran = True
         report = stages.run_stage(cfg, stage.name, **({"resume": True} if action == "resume" else {}))
         reports[stage.name] = report
-        if stage.name != "compare" and isinstance(report, dict) and report.get("summary"):
-            print(report["summary"], flush=True)  # compare's headline closes the run's summary
+        if stage.name not in ("compare", "export") and isinstance(report, dict) and report.get("summary"):
+            print(report["summary"], flush=True)  # compare's headline and export's files close the run's summary
     save_config(cfg, paths.config)  # also when every stage was skipped
     lines = ["run: " + ", ".join(f"{name} {s}" for name, s in status.items()) + f"  ({paths.root})"]
     if status["compare"] == "skipped" and paths.metrics_json.is_file():
         lines.append(headline(read_json(paths.metrics_json), paths))  # the numbers, even when nothing ran
     elif isinstance(reports.get("compare"), dict) and reports["compare"].get("summary"):
         lines.append(reports["compare"]["summary"])
+    if isinstance(reports.get("export"), dict) and reports["export"].get("summary"):
+        lines.append(reports["export"]["summary"])
+    elif status.get("export") == "skipped":
+        lines.append(f"export: {paths.export} (unchanged)")
     return {"stages": status, "hashes": hashes, "reports": reports, "run_dir": str(paths.root),
             "summary": "\n".join(lines)}

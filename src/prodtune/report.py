@@ -289,7 +289,8 @@ SAYS = {"better": "tuned better", "worse": "tuned worse", "same": "no clear diff
 def headline(metrics: dict[str, Any], paths: RunPaths) -> str:
     """The lines `prodtune compare` and `prodtune run` print: where the report is, the main metrics, verdicts."""
     items = "held-out" if paths.compare_split == "test" else paths.compare_split
-    lines = [f"compare: {metrics['n']} {items} items; report: {paths.report_html}",
+    model = "" if paths.compare_model == "adapter" else f" (tuned = the exported {paths.compare_model})"
+    lines = [f"compare: {metrics['n']} {items} items{model}; report: {paths.report_html}",
              f"  answers: {paths.answers_csv}   metrics: {paths.metrics_json}",
              f"  {'':<9} {'base':>6} -> {'tuned':<6}   tuned - base [95% CI]"]
     for name, label in HEADLINE:

@@ -28,6 +28,7 @@ from prodtune.clean import clean_stage
 from prodtune.config import Config, save_config, section_hash
 from prodtune.errors import UserError
 from prodtune.evaluate import compare_stage
+from prodtune.export import export_stage
 from prodtune.io import RunPaths, atomic_path, read_json, run_lock, write_json
 from prodtune.prompts import SPLITS, format_stage
 from prodtune.train import train_stage, trained_with
@@ -49,13 +50,16 @@ class Stage:
     notebook: str
     """The notebook (and step) that runs this stage."""
     folder: Callable[..., Path]
-    """folder(paths, **kwargs): where the stage writes, and its .stage.json record."""
+    """folder(paths, **kwargs): where the stage writes, and its .stage.json record (a comparison of
+    another split or model writes elsewhere: its own folder, its own record and config)."""
     inputs: Callable[[RunPaths], list[Path]]
     """Run-folder files the stage reads (written by the stages before it)."""
     outputs: Callable[[RunPaths], list[Path]]
     """The files that make the stage finished."""
     depends_on: Callable[[Config], Any]
     """The config values (and input fingerprints) its outputs depend on."""
+    wanted: Callable[[Config], bool] = lambda cfg: True
+    """Whether `prodtune run` runs it with this config (export only when export.formats asks)."""
 
     @property
     def command(self) -> str:
@@ -107,10 +111,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("compare", compare_stage,
           "Stage 4: base vs tuned answers on the held-out test split, metrics and a report.",
           "treino-e-teste.ipynb (its comparison step)",
-          lambda p, split="test", **_: RunPaths(p.root, split).compare,
+          lambda p, split="test", which="adapter", **_: RunPaths(p.root, split, which).compare,
           inputs=lambda p: [p.split("test"), p.adapter / "adapter_config.json"],
           outputs=lambda p: [p.answers_csv, p.metrics_json, p.report_md, p.report_html],
           depends_on=lambda c: [c.eval]),
+    # After compare: the model card quotes its numbers, so a new comparison redoes the export.
+    Stage("export", export_stage,
+          "Ship the tuned model into export/: merged safetensors, GGUF, Ollama Modelfile, model card "
+          "(export.formats).",
+          "treino-e-teste.ipynb (its export step)", lambda p, **_: p.export,
+          inputs=lambda p: [p.adapter / "adapter_config.json", p.metrics_json],
+          outputs=lambda p: [p.export_report], depends_on=lambda c: [c.export],
+          wanted=lambda c: bool(c.export.formats)),
 )
 
 
@@ -163,7 +175,11 @@ def run_stage(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
         return stage.function(cfg, **kwargs)
     with run_lock(paths.root, f"prodtune {name}"):
         record = record_path(stage, paths, **kwargs)
+        if record.parent.exists() and not record.parent.is_dir():
+            raise UserError(f"'{record.parent}' is a file, not a folder: the {name} stage writes its outputs "
+                            "there; move the file away")
         before = record.read_bytes() if record.is_file() else None
+        made_folder = not record.parent.exists()
         digest = stage_hashes(cfg)[name]
         started, clock = _now(), time.time()
         write_json(record, {"stage": name, "hash": digest, "started": started, "finished": None})
@@ -171,6 +187,8 @@ def run_stage(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
             report = stage.function(cfg, **kwargs)
         except Exception:
             _restore(record, before)
+            if made_folder and not any(record.parent.iterdir()):
+                record.parent.rmdir()
             raise
         write_json(record, {"stage": name, "hash": digest, "started": started, "finished": _now(),
                             "seconds": round(time.time() - clock, 1)})

@@ -2,7 +2,6 @@
 
     train_stage(cfg)               format/{train,validation}.jsonl -> train/adapter, log.jsonl, loss.png, ...
     train_stage(cfg, resume=True)  continue from the last complete checkpoint in train/checkpoints
-    merge_stage(cfg)               train/adapter + base -> train/merged (plain safetensors)
 
 The rows are TRL's conversational prompt-completion format, so TRL renders them with the model's
 own chat template (the one inference uses) and puts the loss on the completion only: the answer
@@ -648,16 +647,3 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
         "resumed_from": str(checkpoint) if checkpoint else None,
         "adapter": str(RunPaths(cfg.run_dir).adapter),
     }
-
-
-def merge_stage(cfg: Config) -> dict[str, Any]:
-    """Merge train/adapter into the base model and save plain safetensors to train/merged."""
-    started = time.time()
-    paths = RunPaths(cfg.run_dir)
-    models.require_adapter(paths.adapter)
-    device = models.pick_device(cfg.train.device)
-    out = models.merge_adapter(cfg.model, paths.adapter, paths.merged, device)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
-    return {"merged": str(out), "device": device, "size_mib": round(size, 1),
-            "wall_time_s": round(time.time() - started, 2),
-            "summary": f"merged model ({size:.0f} MiB safetensors): {out}"}
