@@ -15,8 +15,12 @@ from typing import Any
 
 import yaml
 
+from prodtune import models
 from prodtune.config import Config
+from prodtune.generate import describe_decoding
 from prodtune.io import RunPaths, atomic_write_text, read_json
+from prodtune.metrics import fmt, verdict
+from prodtune.prompts import build_prompt, question_for
 
 WHAT = ("export", "adapter", "merged", "gguf")
 """What a card describes: the export folder, or one of the Hub uploads (`prodtune push --what`)."""
@@ -31,9 +35,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _gguf_fields(cfg: Config) -> dict[str, Any]:
     """general.* metadata of a GGUF base model ({} for other bases)."""
-    from prodtune.models import resolve_model_path
 
-    folder, name = resolve_model_path(cfg.model)
+    folder, name = models.resolve_model_path(cfg.model)
     if name is None:
         return {}
     import gguf
@@ -89,7 +92,6 @@ def base_license(cfg: Config) -> str | None:
 # ----------------------------------------------------------------------------- pieces
 
 def _fmt(x: float | None) -> str:
-    from prodtune.report import fmt
 
     return fmt(x)
 
@@ -103,7 +105,6 @@ def _cell(entry: dict[str, Any], signed: bool = False) -> str:
 
 
 def _verdict(name: str, diff: dict[str, Any]) -> str:
-    from prodtune.report import verdict
 
     lo, hi = diff["ci95"]
     if name == "length_words" and (lo > 0 or hi < 0):  # neither better nor worse: just a direction
@@ -164,8 +165,6 @@ def _files_table(files: dict[str, int]) -> list[str]:
 
 
 def _prompt_example(cfg: Config, paths: RunPaths) -> str:
-    from prodtune import models
-    from prodtune.prompts import build_prompt, question_for
 
     tokenizer = models.load_tokenizer(cfg.model, path=str(paths.adapter))
     question = question_for("Mog's Kittens", cfg.data.question_templates[0])
@@ -244,7 +243,7 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
               ("loss", "on the answer and its end-of-turn token only (prompt tokens masked)"),
               ("data", (f"{splits['train']['rows']} training, {splits['validation']['rows']} validation and "
                         f"{splits['test']['rows']} test examples" if splits else "examples") + f" from `{cfg.data.raw_path}`"),
-              ("decoding evaluated", _decoding(e))]
+              ("decoding evaluated", describe_decoding(e))]
     if train:
         recipe.append(("run", f"{train.get('steps')} steps on {train.get('device')} ({train.get('precision')}) in "
                               f"{train.get('train_runtime_s', 0):.0f} s; validation loss {_fmt(train.get('eval_loss_start'))} → "
@@ -262,12 +261,6 @@ def _step(t: Any, train: dict[str, Any]) -> str:
         return (f"{step['tokens']:,} tokens (~{step.get('examples', 0):g} examples) per optimizer step, "
                 f"{step.get('optimizer_steps_per_epoch', '?')} steps per epoch")
     return f"{t.step_tokens:,} tokens per optimizer step"
-
-
-def _decoding(e: Any) -> str:
-    from prodtune.evaluate import describe_decoding
-
-    return describe_decoding(e)
 
 
 def _limitations(cfg: Config, metrics: dict[str, Any] | None, fmt_report: dict[str, Any]) -> list[str]:

@@ -35,14 +35,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from prodtune import rawdata
+from prodtune import chunks
 from prodtune.chat import first_question, last_answer
+from prodtune.chunks import Chunk
 from prodtune.columns import Mapping
 from prodtune.config import Config, DataConfig, section_hash
 from prodtune.errors import UserError
 from prodtune.io import RunPaths, atomic_dir, excerpt, write_json
-from prodtune.rawdata import Chunk, open_input, parse_chunk
-from prodtune.rules import N_EXAMPLES, Edit, cap_text, clean_column, is_review_blurb, rows_to_normalize, text_key
+from prodtune.rawdata import open_input, parse_chunk
+from prodtune.rules import (N_EXAMPLES, Edit, cap_text, clean_column, is_review_blurb, rows_to_normalize,
+                            text_key)
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +370,7 @@ def _unspill(res: ChunkResult) -> ChunkResult:
 
 
 def _in_worker(parent: int) -> None:
-    rawdata.ARROW_THREADS = False
+    chunks.ARROW_THREADS = False
     _die_with(parent)
 
 

@@ -19,12 +19,13 @@ import numpy as np
 
 from prodtune.config import Config, EvalConfig, save_config
 from prodtune.errors import UserError
+from prodtune.export import load_shipped, shipped_model
+from prodtune.generate import adapter_off, describe_decoding, generate, load_model, stop_token_ids
 from prodtune.io import COMPARE_SPLITS, RunPaths, atomic_path, read_jsonl, write_json
 from prodtune.metrics import score_model, statistics, summarize
 from prodtune.prompts import tokenize_as_trl
 from prodtune.report import headline, write_reports
 from prodtune.train import check_trained_on
-
 
 # ----------------------------------------------------------------------------- embedding similarity
 
@@ -128,8 +129,6 @@ def compare_stage(cfg: Config, split: str = "test", which: str = "adapter") -> d
     """
     import pandas as pd
 
-    from prodtune.export import load_shipped, shipped_model
-    from prodtune.generate import adapter_off, generate, load_model, stop_token_ids
 
     if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
@@ -191,20 +190,6 @@ def compare_stage(cfg: Config, split: str = "test", which: str = "adapter") -> d
     return {"n": len(rows), "metrics": metrics, "answers_csv": str(paths.answers_csv),
             "metrics_json": str(paths.metrics_json), "report_md": str(paths.report_md),
             "report_html": str(paths.report_html), "summary": headline(metrics, paths)}
-
-
-def describe_decoding(e: Any) -> str:
-    """Every generation setting that shapes the answers, for the report."""
-    text = (f"sampling (temperature {e.temperature}, top_p {e.top_p}, seed {e.seed})" if e.do_sample
-            else "greedy")
-    text += f", {e.max_new_tokens} new tokens at most"
-    if e.min_new_tokens:
-        text += f", no end before {e.min_new_tokens}"
-    if e.repetition_penalty != 1.0:
-        text += f", repetition penalty {e.repetition_penalty} on answer tokens"
-    if e.no_repeat_ngram_size:
-        text += f", no repeated {e.no_repeat_ngram_size}-grams within an answer"
-    return text
 
 
 def _empty_cuda_cache() -> None:

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from prodtune import models
+from prodtune.card import base_model_id, write_card
 from prodtune.config import GGUF_CONVERTER_TYPES, Config, EvalConfig, ModelConfig, export_format_problems
 from prodtune.errors import UserError
-from prodtune.io import COMPARE_MODELS, RunPaths, atomic_dir, atomic_path, write_json
+from prodtune.generate import stop_token_ids
+from prodtune.io import COMPARE_MODELS, RunPaths, atomic_dir, atomic_path, read_json, write_json
+from prodtune.modelfile import write_modelfile
 
 # Files a tokenizer was built from that transformers >= 5 no longer writes back with save_pretrained,
 # but llama.cpp's converter reads (Phi-3's SentencePiece vocabulary is tokenizer.model).
@@ -44,7 +47,6 @@ def merge_adapter(cfg: ModelConfig, adapter: str | Path, out_dir: str | Path, de
     by the quantization error, the usual QLoRA trade-off (`prodtune compare --model merged` measures it).
     The generation config stops at every end-of-turn token and carries the evaluated decoding.
     """
-    from prodtune.generate import stop_token_ids
 
     base_path = models.local_model_path(cfg)
     model = models.load_model(cfg, device, adapter=adapter, quantize=False, path=base_path)
@@ -191,8 +193,6 @@ def check_export(cfg: Config, paths: RunPaths) -> list[str]:
 
 def export_stage(cfg: Config) -> dict[str, Any]:
     """Write what export.formats asks for into export/ (merged, GGUF, Modelfile, model card) in one swap."""
-    from prodtune.card import base_model_id, write_card
-    from prodtune.modelfile import write_modelfile
 
     started = time.time()
     paths = RunPaths(cfg.run_dir)
@@ -264,7 +264,6 @@ def shipped_model(paths: RunPaths, which: str, run_name: str) -> Path:
             raise UserError(f"no '{found.name}' in '{paths.export}': run prodtune export with {which} in export.formats")
         return found
     if which == "gguf":
-        from prodtune.io import read_json
 
         listed = read_json(paths.export_report)["formats"] if paths.export_report.is_file() else []
         for t in gguf_types(listed):

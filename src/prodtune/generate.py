@@ -178,6 +178,20 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], *, pad_id: int, stop_i
     return out
 
 
+def describe_decoding(e: EvalConfig) -> str:
+    """Every generation setting that shapes the answers, for the report."""
+    text = (f"sampling (temperature {e.temperature}, top_p {e.top_p}, seed {e.seed})" if e.do_sample
+            else "greedy")
+    text += f", {e.max_new_tokens} new tokens at most"
+    if e.min_new_tokens:
+        text += f", no end before {e.min_new_tokens}"
+    if e.repetition_penalty != 1.0:
+        text += f", repetition penalty {e.repetition_penalty} on answer tokens"
+    if e.no_repeat_ngram_size:
+        text += f", no repeated {e.no_repeat_ngram_size}-grams within an answer"
+    return text
+
+
 def trim_at_stop(ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
     """The answer's tokens before the first stop token, and whether a stop token came."""
     stops = set(stop_ids)

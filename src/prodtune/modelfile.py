@@ -18,8 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prodtune import models
 from prodtune.config import Config, EvalConfig
 from prodtune.errors import UserError
+from prodtune.generate import stop_token_ids
 from prodtune.io import RunPaths, atomic_write_text
 
 ROLES = ("system", "user", "assistant")
@@ -192,8 +194,6 @@ def modelfile_text(tokenizer: Any, gguf_name: str, system_prompt: str, eval_cfg:
 
 def write_modelfile(cfg: Config, paths: RunPaths, out: Path, gguf_name: str) -> Path:
     """export/Modelfile for the run's tokenizer (the training one, saved with the adapter)."""
-    from prodtune import models
-    from prodtune.generate import stop_token_ids
 
     tokenizer = models.load_tokenizer(cfg.model, path=str(paths.adapter))
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]

@@ -22,109 +22,25 @@ import codecs
 import gzip
 import json
 import os
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from prodtune.chat import first_question, last_answer, parse_conversation
+from prodtune import chunks, tables
+from prodtune.chunks import (N_EMPTY_EXAMPLES, STREAM_ERRORS, Chunk, Input, Rows, add_conversation,
+                             lone_surrogate)
 from prodtune.columns import TRN_JSON, Mapping, context_text, resolve_mapping
 from prodtune.config import DataConfig
 from prodtune.errors import UserError
 from prodtune.io import excerpt
 
-ARROW_THREADS = True
-"""pyarrow's readers use threads; worker processes (already one per CPU) turn this off."""
 _MAX_PENDING = 16 << 20  # a JSON array element longer than this is taken as broken
 _BLOCK_BYTES = 4 << 20
 _HEAD_RECORDS = 100  # records looked at to learn a JSON file's keys ...
 _HEAD_BYTES = 1 << 20  # ... within its first MiB
-_N_EMPTY_EXAMPLES = 3
-_STREAM_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
-
-
-# ----------------------------------------------------------------------------- chunks and rows
-
-@dataclass
-class Chunk:
-    """Up to chunk_rows raw records: JSON-lines bytes, decoded objects (JSON array, hub) or an Arrow table."""
-
-    name: str
-    mapping: Mapping
-    first_line: int
-    blob: bytes | None = b""
-    """JSON lines; None when the worker reads them itself from path, offset, nbytes."""
-    n_lines: int = 0
-    objects: list[tuple[int, str, Any]] | None = None
-    """(line or row number, uid to use when the record has none, record)."""
-    table: pa.Table | str | None = None
-    """CSV or parquet rows: the mapped columns (prodtune.tables); on its way to a worker process,
-    the Arrow file holding them."""
-    numbers: np.ndarray | None = None
-    """Row number of each table row when they are not consecutive (CSV rows skipped as malformed)."""
-    bad: list[tuple[int, str, str]] = field(default_factory=list)
-    """Records the reader itself could not use (line, problem, text), e.g. a CSV row with too few fields."""
-    lost: int = 0
-    """Records known to exist but unreadable (a parquet row group that cannot be decoded): counted as bad."""
-    unit: str = "line"
-    path: str | None = None
-    offset: int = 0
-    nbytes: int = 0
-    position: int = 0
-    """Bytes of the input read so far (rows, for a hub dataset or parquet): drives the progress bar."""
-    tail_problem: str | None = None
-    """A problem found after this chunk's lines, e.g. where a gzip stream breaks off."""
-
-
-@dataclass
-class Rows:
-    """A parsed chunk: parallel lists of raw values, plus the lines that could not be parsed."""
-
-    uids: list[Any] = field(default_factory=list)
-    titles: list[Any] = field(default_factory=list)
-    contents: list[Any] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)
-    context: dict[str, list[str | None]] = field(default_factory=dict)
-    """Context column -> its value in each row, as text (None: absent, null or empty)."""
-    messages: list[list[dict[str, str]] | None] | None = None
-    """Conversations (chat input only): messages with normalised roles; None for a row without one."""
-    read: int = 0
-    bad: list[tuple[int, str, str]] = field(default_factory=list)
-    """(line, problem, the line's text) of each record that could not be used at all."""
-    lost: int = 0
-    """Records that could not even be read one by one (an undecodable parquet row group)."""
-    notes: list[tuple[int, str]] = field(default_factory=list)
-    """(line, problem) of records kept for the clean rules to judge (a null or a number title)."""
-    problems: list[str] = field(default_factory=list)
-    """Every problem, in line order (filled by parse_chunk)."""
-    checked: bool = False
-    """Every title and content is a string (and, with drop_missing, not empty)."""
-    empty: int = 0
-    """Rows with an empty (or null) title or content already left out (the fast paths do this in bulk)."""
-    empty_examples: list[tuple[int, str, str, str, str]] = field(default_factory=list)
-    """(line, uid, title, content, why) of the first few of them."""
-    arrow: pa.Table | None = None
-    """The fast path's (uid, title, content) as Arrow strings, aligned with the lists."""
-
-
-@dataclass
-class Input:
-    """An opened input: its chunks, and what is known before reading them."""
-
-    chunks: Iterator[Chunk]
-    mapping: Mapping
-    format: str
-    """'json lines', 'json array', 'csv', 'tsv', 'parquet' or 'hub'."""
-    described: str
-    size: int | None
-    """Bytes of the file (None for a hub dataset): sets how many worker processes clean it."""
-    total: int | None
-    """Progress bar total in `unit`."""
-    unit: str = "B"
 
 
 def open_input(data: DataConfig) -> Input:
@@ -133,8 +49,6 @@ def open_input(data: DataConfig) -> Input:
     A missing input, a folder, an empty file, a name that contradicts the content or a mapped
     column that does not exist is one UserError here, before anything is written.
     """
-    from prodtune import tables
-
     source = data.raw_path
     if source.startswith("hf:"):
         return tables.hub_input(data)
@@ -179,7 +93,7 @@ def _json_head(path: Path) -> tuple[bool, list[Any]]:
     with raw, stream:
         try:
             block = stream.read(_HEAD_BYTES)
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             block = b""
     text = block.decode("utf-8", "replace").lstrip(" \t\r\n\ufeff")
     records: list[Any] = []
@@ -226,7 +140,7 @@ def read_chunks(path: Path, chunk_rows: int, mapping: Mapping = TRN_JSON) -> Ite
         broken: BaseException | None = None
         try:
             block = stream.read1(_BLOCK_BYTES)
-        except _STREAM_ERRORS as e:
+        except STREAM_ERRORS as e:
             block, broken = b"", e
 
         def chunk(pieces: list[bytes], offset: int, nbytes: int, first_line: int, n_lines: int,
@@ -255,7 +169,7 @@ def read_chunks(path: Path, chunk_rows: int, mapping: Mapping = TRN_JSON) -> Ite
                 count += n
                 block_start += len(block)
                 block = stream.read1(_BLOCK_BYTES)
-        except _STREAM_ERRORS as e:
+        except STREAM_ERRORS as e:
             broken = e
         nbytes = block_start - chunk_start
         if broken is not None:  # keep the complete lines; the one cut off is reported
@@ -302,7 +216,7 @@ def _array_elements(path: Path, stream: Any, chunk_rows: int, raw: Any, mapping:
         except UnicodeDecodeError as e:
             problem = f"not valid UTF-8 ({e.reason}); the rest of the file skipped"
             break
-        except _STREAM_ERRORS as e:
+        except STREAM_ERRORS as e:
             problem = f"the compressed data ends early or is corrupt ({e}); the elements before it were kept"
             break
         buf = buf[pos:] + text
@@ -354,16 +268,6 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _lone_surrogate(value: str) -> bool:
-    if value.isascii():
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: bool, uid_default: str) -> None:
     """Append one decoded record, or record why it cannot be used (naming the file and line)."""
     where = f"{chunk.name} {chunk.unit} {line}"
@@ -372,13 +276,13 @@ def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: boo
         return
     m = chunk.mapping
     if m.chat:
-        _add_conversation(rows, where, line, obj, m.chat, obj.get(m.uid) if m.uid else None, uid_default)
+        add_conversation(rows, where, line, obj, m.chat, obj.get(m.uid) if m.uid else None, uid_default)
         return
     values = []
     for key in (m.title, m.content):
         value = obj.get(key)
         if value.__class__ is str:
-            if _lone_surrogate(value):
+            if lone_surrogate(value):
                 rows.bad.append((line, f"{where}: '{key}' holds an invalid unicode escape (a lone "
                                        "surrogate); skipped", excerpt(ascii(value))))
                 return
@@ -393,28 +297,6 @@ def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: boo
     rows.lines.append(line)
     for name in m.context:
         rows.context.setdefault(name, []).append(context_text(obj.get(name)))
-
-
-def _add_conversation(rows: Rows, where: str, line: int, obj: dict, key: str, uid: Any, uid_default: str) -> None:
-    """Append one chat record: its messages, first user message (title) and last answer (content)."""
-    value = obj.get(key)
-    messages = None
-    if value is None:
-        rows.notes.append((line, f"{where}: {'no' if key not in obj else 'a null'} '{key}' field; dropped"))
-    else:
-        messages, why = parse_conversation(value)
-        if messages is not None and any(_lone_surrogate(m["content"]) for m in messages):
-            messages, why = None, "holds an invalid unicode escape (a lone surrogate)"
-        if messages is None:
-            text = json.dumps(value, ensure_ascii=True, default=str)
-            rows.bad.append((line, f"{where}: '{key}' {why}; skipped", excerpt(text)))
-            return
-    rows.uids.append(uid_default if uid is None or uid == "" else str(uid))
-    rows.lines.append(line)
-    rows.messages.append(messages)  # type: ignore[union-attr]
-    rows.titles.append(first_question(messages) if messages else None)
-    k = last_answer(messages) if messages else None
-    rows.contents.append(messages[k]["content"] if k is not None else None)  # type: ignore[index]
 
 
 def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
@@ -433,7 +315,7 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
     schema = pa.schema([(k, pa.string()) for k in dict.fromkeys([*keys, *m.context])])
     try:
         table = pj.read_json(pa.BufferReader(chunk.blob),
-                             read_options=pj.ReadOptions(block_size=_BLOCK_BYTES, use_threads=ARROW_THREADS),
+                             read_options=pj.ReadOptions(block_size=_BLOCK_BYTES, use_threads=chunks.ARROW_THREADS),
                              parse_options=pj.ParseOptions(explicit_schema=schema,
                                                            unexpected_field_behavior="ignore"))
     except (pa.ArrowException, ValueError):  # bad JSON, a wrong type, bytes that are not UTF-8
@@ -452,7 +334,7 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
                        pc.equal(pc.binary_length(table.column(m.content)), 0))
         rows.empty = pc.sum(empty).as_py() or 0
         if rows.empty:
-            first = pc.indices_nonzero(empty)[:_N_EMPTY_EXAMPLES].to_pylist()
+            first = pc.indices_nonzero(empty)[:N_EMPTY_EXAMPLES].to_pylist()
             rows.empty_examples = [(int(lines[i]), *(table.column(k)[i].as_py() for k in (uid_key, m.title, m.content)),
                                     "empty") for i in first]
             keep = pc.invert(empty)
@@ -467,9 +349,7 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
 def parse_chunk(chunk: Chunk, drop_missing: bool = True) -> Rows:
     """Decode a chunk's records; malformed ones are listed, never fatal."""
     if chunk.table is not None:
-        from prodtune.tables import table_rows
-
-        rows = table_rows(chunk, drop_missing)
+        rows = tables.table_rows(chunk, drop_missing)
     else:
         if chunk.blob is None:
             chunk.blob = _read_range(chunk.path, chunk.offset, chunk.nbytes)  # type: ignore[arg-type]

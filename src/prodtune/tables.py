@@ -1,14 +1,14 @@
 """CSV, TSV, parquet and hub-dataset input for the clean stage, streamed in chunks.
 
     fmt = detect_format(Path("shop.csv.gz"))          # 'csv': the name and the first bytes agree
-    source = open_table(path, fmt, data, size)        # rawdata.Input: mapping resolved, chunks ready
+    source = open_table(path, fmt, data, size)        # chunks.Input: mapping resolved, chunks ready
 
 CSV is read with pyarrow.csv.open_csv (a block at a time; quoted newlines allowed; a row with the
 wrong number of fields is skipped and listed), parquet with ParquetFile.iter_batches (a batch at a
 time, only the mapped columns; a row group that cannot be decoded is skipped and counted), a
 Hugging Face dataset (`hf:owner/name[:config][:split]`) with datasets' streaming mode. Every
 mapped CSV column is read as text, so a column of numbers never changes type between blocks.
-`table_rows` turns a chunk into rawdata.Rows with the type, null and empty checks done in bulk.
+`table_rows` turns a chunk into chunks.Rows with the type, null and empty checks done in bulk.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from prodtune import rawdata
+from prodtune import chunks
+from prodtune.chunks import Chunk, Input, Rows
 from prodtune.columns import Mapping, context_text, resolve_mapping
 from prodtune.config import DataConfig
 from prodtune.errors import UserError
 from prodtune.io import excerpt
-from prodtune.rawdata import Chunk, Input, Rows
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
             ".json": "json", ".jsonl": "json", ".ndjson": "json"}
@@ -136,7 +136,7 @@ class _EndAtBreak(io.RawIOBase):
         while not data and self.error is None:
             try:
                 block = self.stream.read1(max(len(buffer) - len(self.held), 1))
-            except rawdata._STREAM_ERRORS as e:
+            except chunks.STREAM_ERRORS as e:
                 self.error, self.held = e, b""  # the cut line goes
                 break
             if not block:  # the end of a sound stream: the last line, newline or not
@@ -172,7 +172,7 @@ def _csv_options(delimiter: str, columns: list[str] | None, on_invalid: Any) -> 
 
 
 def open_table(path: Path, fmt: str, data: DataConfig, size: int) -> Input:
-    """A CSV, TSV or parquet file as rawdata.Input: its columns checked against the mapping first."""
+    """A CSV, TSV or parquet file as chunks.Input: its columns checked against the mapping first."""
     if fmt == "parquet":
         pf = _parquet_file(path)
         mapping = resolve_mapping(data, pf.schema_arrow.names, path.name)
@@ -290,7 +290,7 @@ def _parquet_chunks(path: Path, pf: Any, mapping: Mapping, chunk_rows: int) -> I
         n_group, done = pf.metadata.row_group(g).num_rows, 0
         try:
             for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=[g], columns=mapping.columns,
-                                         use_threads=rawdata.ARROW_THREADS):
+                                         use_threads=chunks.ARROW_THREADS):
                 batches.append(batch)
                 numbers.append(np.arange(start + done, start + done + batch.num_rows))
                 done += batch.num_rows
@@ -417,7 +417,7 @@ def table_rows(chunk: Chunk, drop_missing: bool) -> Rows:
         uids = [f"row{k}" for k in numbers.tolist()]
     if m.chat:
         for i, value in enumerate(table.column(m.chat).to_pylist()):
-            rawdata._add_conversation(rows, f"{chunk.name} row {numbers[i]}", int(numbers[i]), {m.chat: value},
+            chunks.add_conversation(rows, f"{chunk.name} row {numbers[i]}", int(numbers[i]), {m.chat: value},
                                       m.chat, uids[i], uids[i])
         return rows
     texts, missing, why = [], np.zeros(n, dtype=bool), np.full(n, "", dtype=object)
@@ -443,7 +443,7 @@ def table_rows(chunk: Chunk, drop_missing: bool) -> Rows:
         texts.append(col.fill_null(""))
     if missing.any():
         rows.empty = int(missing.sum())
-        first = np.flatnonzero(missing)[:rawdata._N_EMPTY_EXAMPLES].tolist()
+        first = np.flatnonzero(missing)[:chunks.N_EMPTY_EXAMPLES].tolist()
         rows.empty_examples = [(int(numbers[i]), uids[i], texts[0][i].as_py(), texts[1][i].as_py(), why[i])
                                for i in first]
         keep = pa.array(~missing)
