@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from prodtune import plan as plan_mod
 from prodtune import train as train_mod
 from prodtune.cli import main
 from prodtune.config import DEFAULT_SYSTEM_PROMPT, load_config
@@ -282,7 +283,7 @@ def gpu_host(monkeypatch, gib: float, processes: int) -> None:
 
     monkeypatch.setattr(models, "pick_device", lambda device: "cuda")
     monkeypatch.setattr(models, "compute_dtype", lambda cfg, device: torch.bfloat16)
-    monkeypatch.setattr(train_mod, "_device_for_plan", lambda device: "cuda")
+    monkeypatch.setattr(plan_mod, "_device_for_plan", lambda device: "cuda")
     monkeypatch.setattr(fast, "card_memory_gib", lambda device: gib)
     monkeypatch.setattr(distributed, "world_size", lambda: processes)
 
