@@ -17,6 +17,8 @@ from prodtune.errors import UserError
 MAX_LEN = 128
 
 
+H100 = fast.Card(80.0, (9, 0), True)  # planning for an 80 GiB Hopper card, no GPU needed
+
 def cpu_plan(dequantize: bool = False, rows: int = 2) -> fast.SpeedPlan:
     """What the fast path does, minus what needs CUDA (flex attention, bf16, inductor)."""
     return fast.SpeedPlan("fast", "cpu test", rows=rows, max_length=MAX_LEN, checkpoint_every=0,
@@ -58,7 +60,7 @@ def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool 
     (15, "small", 2, 4, 1),     # T4 / L4: 4k tokens, checkpointing, 4-bit weights dequantized per use
 ])
 def test_plan_follows_card_memory(gib, path, rows, accum, ckpt):
-    p = fast.plan(TrainConfig(), ModelConfig(load_in_4bit=True), "cuda", memory_gib=gib)
+    p = fast.plan(TrainConfig(), ModelConfig(load_in_4bit=True), "cuda", card=fast.Card(gib, (9, 0), True))
     assert (p.path, p.rows, p.grad_accum, p.checkpoint_every) == (path, rows, accum, ckpt)
     assert p.tokens_per_microbatch * p.grad_accum == TrainConfig().step_tokens
     assert p.dequantize_once == (path == "fast") and p.compile  # small compiles its 4-bit layers too
@@ -71,7 +73,7 @@ def test_plan_follows_card_memory(gib, path, rows, accum, ckpt):
     (2048, 1, 1),
 ])
 def test_plan_step_tokens(step_tokens, rows, accum):
-    p = fast.plan(TrainConfig(step_tokens=step_tokens), ModelConfig(load_in_4bit=True), "cuda", memory_gib=80)
+    p = fast.plan(TrainConfig(step_tokens=step_tokens), ModelConfig(load_in_4bit=True), "cuda", card=H100)
     assert (p.rows, p.grad_accum) == (rows, accum)
     assert p.tokens_per_microbatch * p.grad_accum == step_tokens
 
@@ -79,16 +81,16 @@ def test_plan_step_tokens(step_tokens, rows, accum):
 def test_plan_respects_settings_and_devices():
     cfg = ModelConfig(load_in_4bit=True)
     assert fast.plan(TrainConfig(), cfg, "cpu").path == "plain"
-    assert fast.plan(TrainConfig(speed="plain"), cfg, "cuda", memory_gib=80).path == "plain"
-    assert fast.plan(TrainConfig(packing=False), cfg, "cuda", memory_gib=80).path == "plain"
-    assert fast.plan(TrainConfig(speed="small"), cfg, "cuda", memory_gib=80).path == "small"
-    no_ckpt = fast.plan(TrainConfig(gradient_checkpointing=False), cfg, "cuda", memory_gib=80)
+    assert fast.plan(TrainConfig(speed="plain"), cfg, "cuda", card=H100).path == "plain"
+    assert fast.plan(TrainConfig(packing=False), cfg, "cuda", card=H100).path == "plain"
+    assert fast.plan(TrainConfig(speed="small"), cfg, "cuda", card=H100).path == "small"
+    no_ckpt = fast.plan(TrainConfig(gradient_checkpointing=False), cfg, "cuda", card=H100)
     assert (no_ckpt.checkpoint_every, no_ckpt.compile) == (0, True)
-    assert fast.plan(TrainConfig(gradient_checkpointing=True), cfg, "cuda", memory_gib=80).checkpoint_every == 1
+    assert fast.plan(TrainConfig(gradient_checkpointing=True), cfg, "cuda", card=H100).checkpoint_every == 1
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         fast.plan(TrainConfig(speed="fast"), cfg, "cpu")
     with pytest.raises(UserError, match="packing=false"):
-        fast.plan(TrainConfig(speed="fast", packing=False), cfg, "cuda", memory_gib=80)
+        fast.plan(TrainConfig(speed="fast", packing=False), cfg, "cuda", card=H100)
     assert fast.sft_overrides(fast.plan(TrainConfig(), cfg, "cpu"), TrainConfig()) == {}
 
 

@@ -284,7 +284,7 @@ def gpu_host(monkeypatch, gib: float, processes: int) -> None:
     monkeypatch.setattr(models, "pick_device", lambda device: "cuda")
     monkeypatch.setattr(models, "compute_dtype", lambda cfg, device: torch.bfloat16)
     monkeypatch.setattr(plan_mod, "_device_for_plan", lambda device: "cuda")
-    monkeypatch.setattr(fast, "card_memory_gib", lambda device: gib)
+    monkeypatch.setattr(fast, "read_card", lambda device: fast.Card(gib, (9, 0), True))
     monkeypatch.setattr(distributed, "world_size", lambda: processes)
 
 

@@ -8,7 +8,6 @@ compare*/metrics.json): the card states numbers the run measured, and says which
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from prodtune import models
 from prodtune.config import Config
 from prodtune.generate import describe_decoding
 from prodtune.io import RunPaths, atomic_write_text, read_json
-from prodtune.metrics import fmt, verdict
+from prodtune.metrics import fmt, fmt_interval, verdict
 from prodtune.prompts import build_prompt, question_for
 
 WHAT = ("export", "adapter", "merged", "gguf")
@@ -91,25 +90,10 @@ def base_license(cfg: Config) -> str | None:
 
 # ----------------------------------------------------------------------------- pieces
 
-def _fmt(x: float | None) -> str:
-
-    return fmt(x)
-
-
-def _cell(entry: dict[str, Any], signed: bool = False) -> str:
-    lo, hi = entry["ci95"]
-    mean = _fmt(entry["mean"])
-    if signed and isinstance(entry["mean"], float) and math.isfinite(entry["mean"]) and entry["mean"] >= 0:
-        mean = "+" + mean
-    return f"{mean} [{_fmt(lo)}, {_fmt(hi)}]"
-
-
 def _verdict(name: str, diff: dict[str, Any]) -> str:
-
-    lo, hi = diff["ci95"]
-    if name == "length_words" and (lo > 0 or hi < 0):  # neither better nor worse: just a direction
-        return "longer" if lo > 0 else "shorter"
-    return {"better": "better", "worse": "worse", "same": "no clear difference"}[verdict(name, diff)]
+    """The comparison's verdict in words; answer length gets a direction, not a judgement."""
+    return {"better": "better", "worse": "worse", "same": "no clear difference", "higher": "longer",
+            "lower": "shorter"}[verdict(name, diff)]
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[str]:
@@ -117,8 +101,8 @@ def metrics_table(metrics: dict[str, Any]) -> list[str]:
     rows = ["| metric | base | tuned | tuned − base | verdict |", "| --- | --- | --- | --- | --- |"]
     for name, label in HEADLINE:
         if name in metrics["base"]:
-            rows.append(f"| {label} | {_cell(metrics['base'][name])} | {_cell(metrics['tuned'][name])} | "
-                        f"{_cell(metrics['diff'][name], signed=True)} | {_verdict(name, metrics['diff'][name])} |")
+            rows.append(f"| {label} | {fmt_interval(metrics['base'][name])} | {fmt_interval(metrics['tuned'][name])} | "
+                        f"{fmt_interval(metrics['diff'][name], signed=True)} | {_verdict(name, metrics['diff'][name])} |")
     return rows
 
 
@@ -131,20 +115,20 @@ def _shipped_rows(paths: RunPaths, reference: dict[str, Any]) -> list[str]:
             continue
         m = read_json(folder / "metrics.json")
         rows.append(f"| {model} (`{folder.name}/`) | " + " | ".join(
-            _cell(m["tuned"][k]) if k in m["tuned"] else "–" for k in ("rouge_l", "chrf", "loss")) + " |")
+            fmt_interval(m["tuned"][k]) if k in m["tuned"] else "–" for k in ("rouge_l", "chrf", "loss")) + " |")
     if not rows:
         return []
     head = ["| tuned model | ROUGE-L | chrF | reference loss |", "| --- | --- | --- | --- |",
             "| adapter on the base (`compare/`) | " + " | ".join(
-                _cell(reference["tuned"][k]) if k in reference["tuned"] else "–" for k in ("rouge_l", "chrf", "loss")) + " |"]
+                fmt_interval(reference["tuned"][k]) if k in reference["tuned"] else "–" for k in ("rouge_l", "chrf", "loss")) + " |"]
     return head + rows
 
 
 def _sentence(metrics: dict[str, Any], name: str, label: str) -> str:
     b, t, d = metrics["base"][name], metrics["tuned"][name], metrics["diff"][name]
     lo, hi = d["ci95"]
-    return (f"{label} {_fmt(b['mean'])} → {_fmt(t['mean'])} (difference {_fmt(d['mean'])}, 95% CI {_fmt(lo)} to "
-            f"{_fmt(hi)}: {_verdict(name, d)})")
+    return (f"{label} {fmt(b['mean'])} → {fmt(t['mean'])} (difference {fmt(d['mean'])}, 95% CI {fmt(lo)} to "
+            f"{fmt(hi)}: {_verdict(name, d)})")
 
 
 def _files_table(files: dict[str, int]) -> list[str]:
@@ -201,7 +185,7 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
              "from their title: asked about a product, it writes a product description in the style of the "
              f"training data (`{cfg.data.raw_path}`). LoRA adapters (r={cfg.lora.r}, alpha={cfg.lora.alpha}"
              f"{', on a 4-bit NF4 base: QLoRA' if cfg.model.load_in_4bit else ''}) trained with TRL's SFTTrainer "
-             "by [prodtune](https://github.com/prodtune/prodtune)."]
+             "by prodtune."]
     if cfg.model.name_or_path.endswith(".gguf") or cfg.model.gguf_file:
         lines += ["", f"The base weights were read from `{Path(cfg.model.name_or_path).name}` (a quantized GGUF) and "
                       f"dequantized: they differ from the original {base} by that quantization."]
@@ -246,8 +230,8 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
               ("decoding evaluated", describe_decoding(e))]
     if train:
         recipe.append(("run", f"{train.get('steps')} steps on {train.get('device')} ({train.get('precision')}) in "
-                              f"{train.get('train_runtime_s', 0):.0f} s; validation loss {_fmt(train.get('eval_loss_start'))} → "
-                              f"{_fmt(train.get('final_eval_loss'))}"))
+                              f"{train.get('train_runtime_s', 0):.0f} s; validation loss {fmt(train.get('eval_loss_start'))} → "
+                              f"{fmt(train.get('final_eval_loss'))}"))
     lines += ["", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in recipe]]
     lines += ["", "## Limitations", "", *_limitations(cfg, metrics, fmt_report)]
     lines += ["", "## How to run it", "", *_usage(cfg, paths, what, ref, files, ggufs)]

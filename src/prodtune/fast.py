@@ -125,12 +125,29 @@ def card_memory_gib(device: Any = "cuda") -> float:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
-def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any,
-         memory_gib: float | None = None) -> SpeedPlan:
+@dataclass(frozen=True)
+class Card:
+    """What the plan needs to know of a CUDA card."""
+
+    memory_gib: float
+    capability: tuple[int, int]
+    """Compute capability: (8, 0) and newer have flash attention's kernels; a T4 is (7, 5)."""
+    bf16: bool
+
+
+def read_card(device: Any = "cuda") -> Card:
+    """The card of a CUDA device."""
+    import torch
+
+    return Card(card_memory_gib(device), tuple(torch.cuda.get_device_capability(device)),
+                torch.cuda.is_bf16_supported())
+
+
+def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any, card: Card | None = None) -> SpeedPlan:
     """Choose the training path from train.speed and the card: fast on cards of >= 40 GiB,
     small below (it trains Phi-3-mini in <= 14 GiB), plain on a CPU or when asked.
 
-    `memory_gib` overrides the card's memory (tests, planning for another card).
+    `card` describes another card than the device's (planning for it; tests without a GPU).
     """
     import torch
 
@@ -148,19 +165,19 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any,
             return SpeedPlan("plain", "train.packing=false")
         raise UserError(f"train.speed={speed} packs examples; it cannot run with train.packing=false "
                         "(set train.packing=auto, or train.speed=plain)")
-    gib = card_memory_gib(device) if memory_gib is None else memory_gib
+    card = card or read_card(device)
+    gib = card.memory_gib
     if speed == "auto":
         speed = "fast" if gib >= FAST_MIN_GIB else "small"
         reason = f"auto: {gib:.0f} GiB card"
     else:
         reason = f"train.speed={speed}"
     max_length = train_cfg.max_length
-    major, _ = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else (9, 0)
     # Flash attention's kernels need Ampere or newer. On a T4 (sm75) SDPA gets transformers' dense
     # document mask, which costs (row length)^2: one row per micro-batch there.
-    varlen = major >= 8
+    varlen = card.capability[0] >= 8
     # fp16 cards (T4) keep peft's fp32 norms/embeddings: an fp16 residual stream could overflow.
-    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    bf16 = card.bf16
     attn = VARLEN if varlen else "sdpa"
     if speed == "fast":
         rows = max(1, FAST_TOKENS // max_length) if varlen else 1
