@@ -7,7 +7,7 @@
     python bench/bench_train.py --gpus 1,2,4          # data-parallel scaling of the fast path
     python bench/bench_train.py --tiny --gpus 1,2     # the same on the CPU, 2 gloo processes: a check
 
-Every prodtune configuration runs the train stage's own code: `train.make_plan` settles the plan
+Every prodtune configuration runs the train stage's own code: `plan.make_plan` settles the plan
 from a TrainConfig (train.step_tokens and all), `models.load_model` loads the base as `prodtune
 train` does, `train.build_trainer` builds the SFTTrainer (SFTConfig, LoRA, fast.prepare) and
 `train.step_clock` times it. Variants that no config key reaches (checkpointing every k-th layer,
@@ -68,7 +68,7 @@ SHAPES = {  # Phi-3-mini-4k's and Phi-3-medium-4k's sizes; N counted from them
 }
 
 # name -> what it runs. train: TrainConfig overrides (the user's knobs); plan: SpeedPlan fields
-# replaced after train.make_plan (variants no config key reaches); cap_gib: a smaller card
+# replaced after plan.make_plan (variants no config key reaches); cap_gib: a smaller card
 # (torch.cuda.set_per_process_memory_fraction, and the plan picked for that card); t4: the plan a
 # T4 gets (no bf16, no flash attention: fp16 compute, SDPA); unsloth: Unsloth's settings instead.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -181,6 +181,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     from datasets import Dataset
 
     from prodtune import distributed, models, train
+    from prodtune import plan as plan_mod
     from prodtune.config import LoraConfig, ModelConfig, TrainConfig
 
     spec = CONFIGS[name]
@@ -212,7 +213,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     data = Dataset.from_list(synthetic_examples(n_examples, vocab, scale))
     probe = synthetic_examples(8, vocab, scale, seed=1)
     with planning:
-        plan = train.make_plan(train_cfg, model_cfg, example_tokens=train.mean_example_tokens(data, None, 2048))
+        plan = plan_mod.make_plan(train_cfg, model_cfg, example_tokens=plan_mod.mean_example_tokens(data, None, train_cfg.max_length))
     if tiny and plan.speed == "plain" and train_cfg.speed != "plain":
         # No speed path on a CPU: exercise its components (packing, varlen attention's CPU reference,
         # dequantize-once) in fp32, 2 rows per micro-batch, the step shared by the processes.
@@ -224,8 +225,10 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
                                attn_implementation=fast.VARLEN)
         plan = dataclasses.replace(plan, speed="fast", speed_plan=speed, packing=True, batch=batch)
     if spec.get("plan") and plan.speed != "plain":
-        plan = dataclasses.replace(plan, speed_plan=dataclasses.replace(plan.speed_plan, **spec["plan"]))
-        plan = dataclasses.replace(plan, gradient_checkpointing=plan.speed_plan.checkpoint_every > 0)
+        speed = dataclasses.replace(plan.speed_plan, **spec["plan"])
+        batch = dataclasses.replace(plan.batch, per_device=speed.rows, accum=speed.grad_accum)  # one batch
+        plan = dataclasses.replace(plan, speed_plan=speed, batch=batch,
+                                   gradient_checkpointing=speed.checkpoint_every > 0)
 
     t_load = time.perf_counter()
     tok = models.load_tokenizer(model_cfg, str(model_dir))

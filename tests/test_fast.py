@@ -39,11 +39,12 @@ def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool 
                                                  attn_implementation="sdpa")
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in product_rows(n_rows)]
-    args = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
-                max_length=MAX_LEN, packing=False, completion_only_loss=True, bf16=False, use_cpu=True,
+    args = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=speed.rows,
+                gradient_accumulation_steps=speed.grad_accum, max_length=MAX_LEN, packing=True,
+                completion_only_loss=True, bf16=False, use_cpu=True,
                 report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
                 optim="adamw_torch", shuffle_dataset=False)
-    args.update(fast.sft_overrides(speed, TrainConfig(max_length=MAX_LEN)))
+    args.update(fast.sft_overrides(speed))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora)
@@ -91,7 +92,7 @@ def test_plan_respects_settings_and_devices():
         fast.plan(TrainConfig(speed="fast"), cfg, "cpu")
     with pytest.raises(UserError, match="packing=false"):
         fast.plan(TrainConfig(speed="fast", packing=False), cfg, "cuda", card=H100)
-    assert fast.sft_overrides(fast.plan(TrainConfig(), cfg, "cpu"), TrainConfig()) == {}
+    assert fast.sft_overrides(fast.plan(TrainConfig(), cfg, "cpu")) == {}
 
 
 # ----------------------------------------------------------------------------- packed batches

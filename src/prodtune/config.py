@@ -124,7 +124,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub (not needed for Phi-3 with transformers >= 4.41)."""
     cache_dir: str = "~/.cache/prodtune"
-    """Where a GGUF model converted to safetensors is kept, so the slow conversion runs once."""
+    """Where a GGUF model converted to safetensors is kept (the slow conversion runs once), and the
+    speed paths' compiled kernels (compile/)."""
 
 
 @dataclass

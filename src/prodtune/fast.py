@@ -28,12 +28,12 @@ micro-batch, fp32 residual stream) keeps an H100 about 2% busy. What these paths
 * Cross-entropy: TRL >= 1.16 already projects through the LM head in chunks and only at labelled
   positions (its fused LM head), so the full fp32 logits are never built.
 
-bench/NOTES.md has the measurements. train.py uses it as:
+bench/NOTES.md has the measurements. prodtune.plan and train.py use it as:
 
-    speed = fast.plan(cfg.train, cfg.model, device)
-    args = SFTConfig(..., **fast.sft_overrides(speed, cfg.train))
+    speed = fast.plan(cfg.train, cfg.model, device)            # plan.make_plan
+    args = SFTConfig(..., **fast.sft_overrides(speed))         # train.sft_config
     trainer = SFTTrainer(...)
-    fast.prepare(trainer.model, speed)
+    fast.prepare(trainer.model, speed, compile_cache)          # train.build_trainer
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def read_card(device: Any = "cuda") -> Card:
 
 def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any, card: Card | None = None) -> SpeedPlan:
     """Choose the training path from train.speed and the card: fast on cards of >= 40 GiB,
-    small below (it trains Phi-3-mini in <= 14 GiB), plain on a CPU or when asked.
+    small below (Phi-3-mini in ~4 GiB), plain on a CPU or when asked.
 
     `card` describes another card than the device's (planning for it; tests without a GPU).
     """
@@ -195,25 +195,27 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any, card: Card
         p = replace(p, checkpoint_every=1)
     elif train_cfg.gradient_checkpointing is False:
         p = replace(p, checkpoint_every=0)
-    # train.step_tokens per optimizer step: accumulate micro-batches, or take fewer rows when the
-    # step is smaller than one micro-batch.
-    rows = max(1, min(p.rows, train_cfg.step_tokens // max(1, p.max_length)))
-    accum = max(1, round(train_cfg.step_tokens / (rows * p.max_length)))
+    rows, accum = step_split(p.rows, p.max_length, train_cfg.step_tokens)
     return replace(p, rows=rows, grad_accum=accum)
 
 
-def sft_overrides(speed: SpeedPlan, train_cfg: TrainConfig) -> dict[str, Any]:
-    """SFTConfig keyword arguments for this plan (empty for the plain path)."""
+def step_split(max_rows: int, row_tokens: int, step_tokens: int) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step) for step_tokens tokens per optimizer step in
+    rows of row_tokens: accumulate micro-batches of at most max_rows rows, or take fewer rows when
+    the step is smaller than one micro-batch."""
+    rows = max(1, min(max_rows, step_tokens // max(1, row_tokens)))
+    return rows, max(1, round(step_tokens / (rows * row_tokens)))
+
+
+def sft_overrides(speed: SpeedPlan) -> dict[str, Any]:
+    """SFTConfig keyword arguments that only the speed paths set (empty for the plain path); the
+    micro-batch, accumulation and packing come from the plan's batch, as on every path."""
     if speed.path == "plain":
         return {}
     return {
-        "packing": True,
         "packing_strategy": "bfd",  # whole examples per row; TRL then turns padding-free on
         "padding_free": True,
-        "max_length": speed.max_length,
-        "per_device_train_batch_size": speed.rows,
         "per_device_eval_batch_size": speed.rows,
-        "gradient_accumulation_steps": speed.grad_accum,
         # One shape for every batch (the flattened rows are padded with 1-token pseudo-examples
         # whose labels are -100), so compiled layers never recompile.
         "pad_to_multiple_of": speed.tokens_per_microbatch,

@@ -139,7 +139,7 @@ def excerpt(text: Any, n: int | None = EXCERPT_CHARS, one_line: bool = False) ->
 # ----------------------------------------------------------------------------- the run folder
 
 LOCK_NAME = ".prodtune.lock"
-_held: dict[Path, tuple[int, int]] = {}  # run folder -> (lock file descriptor, times entered)
+_held: set[Path] = set()  # run folders this process holds the lock of
 
 
 def make_run_dir(root: str | Path) -> Path:
@@ -176,13 +176,8 @@ def run_lock(root: str | Path, command: str) -> Iterator[None]:
     import fcntl
 
     root = make_run_dir(root).resolve()
-    if root in _held:
-        fd, depth = _held[root]
-        _held[root] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            _held[root] = (fd, _held[root][1] - 1)
+    if root in _held:  # an outer block of this process holds it
+        yield
         return
     fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
@@ -200,12 +195,12 @@ def run_lock(root: str | Path, command: str) -> Iterator[None]:
               file=sys.stderr)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"'{command}' (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode(), 0)
-    _held[root] = (fd, 1)
+    _held.add(root)
     try:
         sweep_temporaries(root)
         yield
     finally:
-        del _held[root]
+        _held.discard(root)
         os.ftruncate(fd, 0)
         os.close(fd)  # closing releases the lock
 

@@ -15,13 +15,10 @@ from prodtune import stages
 from prodtune.config import Config, save_config
 from prodtune.io import RunPaths, read_json, run_lock
 from prodtune.report import headline
+from prodtune.train import last_checkpoint
 
 DOING = {"skip": "skipped", "run": "running", "resume": "resuming"}
 DONE = {"skip": "skipped", "run": "ran", "resume": "resumed"}
-
-
-def _has_checkpoint(paths: RunPaths) -> bool:
-    return any(paths.checkpoints.glob("checkpoint-*/trainer_state.json"))
 
 
 def plan_stage(stage: stages.Stage, paths: RunPaths, digest: str, upstream_ran: bool,
@@ -38,7 +35,7 @@ def plan_stage(stage: stages.Stage, paths: RunPaths, digest: str, upstream_ran: 
         if not missing:
             return "skip", f"finished {record['finished']}, config unchanged"
         return "run", f"output missing: {missing[0]}"
-    if same and stage.name == "train" and _has_checkpoint(paths):
+    if same and stage.name == "train" and last_checkpoint(paths) is not None:
         return "resume", "interrupted; continuing from the last checkpoint"
     if record is None:
         return "run", "not run yet"

@@ -17,6 +17,7 @@ from typing import Any
 from prodtune import distributed, fast, models
 from prodtune.config import TrainConfig
 from prodtune.errors import UserError
+from prodtune.prompts import tokenize_as_trl
 
 
 @dataclass
@@ -33,11 +34,10 @@ class Plan:
     """Padding-free packing of examples into max_length rows."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass."""
-    speed_plan: Any = None
-    """prodtune.fast.SpeedPlan: token batches, attention kernel, compile, dequantize-once."""
-    batch: Any = None
-    """prodtune.distributed.BatchSplit of one optimizer step: rows (packed) or examples per
-    micro-batch, accumulation and processes."""
+    speed_plan: fast.SpeedPlan
+    """Token batches, attention kernel, compile, dequantize-once (path 'plain': TRL as is)."""
+    batch: distributed.BatchSplit
+    """One optimizer step: rows (packed) or examples per micro-batch, accumulation and processes."""
     note: str = ""
     """Advice printed at the start of training (e.g. micro-batches shrunk by the GPU count)."""
     max_length: int = 2048
@@ -116,8 +116,7 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any, example_tokens: float | No
         rows, accum = speed.rows, speed.grad_accum
     elif packing:
         # train.batch_size counts packed rows here (TRL's meaning): a memory knob, not the step.
-        rows = max(1, min(train_cfg.batch_size, train_cfg.step_tokens // train_cfg.max_length))
-        accum = max(1, round(train_cfg.step_tokens / (rows * train_cfg.max_length)))
+        rows, accum = fast.step_split(train_cfg.batch_size, train_cfg.max_length, train_cfg.step_tokens)
     else:
         if not example_tokens:
             raise ValueError("make_plan needs the mean example length (example_tokens) for unpacked batches")
@@ -163,8 +162,5 @@ def mean_example_tokens(dataset: Any, tokenizer: Any, max_length: int, sample: i
     if "input_ids" in rows.column_names:  # already tokenized
         lengths = [len(ids) for ids in rows["input_ids"]]
     else:
-        lengths = []
-        for row in rows:
-            ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
-            lengths.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        lengths = [len(ids) for ids, _ in tokenize_as_trl(tokenizer, rows["prompt"], rows["completion"], max_length)]
     return sum(min(x, max_length) for x in lengths) / max(1, len(lengths))

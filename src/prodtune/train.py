@@ -57,7 +57,7 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
     from trl import SFTConfig
 
     t = train_cfg
-    batch = plan.batch or distributed.split_batch(t.batch_size, t.grad_accum, 1)
+    batch = plan.batch
     kwargs = dict(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -85,7 +85,7 @@ def sft_config(train_cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: b
         dataloader_num_workers=0,
         **distributed.DDP_ARGS,  # under accelerate launch: DDP set up for LoRA
     )
-    overrides = fast.sft_overrides(plan.speed_plan, t) if plan.speed_plan is not None else {}
+    overrides = fast.sft_overrides(plan.speed_plan)
     if overrides:
         # The speed paths set token batches and (per-n-layer) checkpointing themselves.
         kwargs.pop("activation_checkpointing")
@@ -121,9 +121,8 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-    if plan.speed_plan is not None:
-        # bf16 frozen weights, varlen attention, dequantize-once, the compiled decoder block.
-        trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan, plan.compile_cache)
+    # The speed paths: bf16 frozen weights, varlen attention, dequantize-once, the compiled decoder block.
+    trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan, plan.compile_cache)
     return trainer
 
 
@@ -328,11 +327,11 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
     started, clock_start = time.time(), time.perf_counter()
     paths = RunPaths(cfg.run_dir)
     main = distributed.is_main_process()
-    tensorboard, _ = report_targets(cfg.train.report_to)
+    tensorboard, loggers = report_targets(cfg.train.report_to)
     train_ds, eval_ds = load_splits(paths, cfg.train.max_eval_samples)
     tag = {"config_hash": section_hash(*trained_with(cfg)), "format_digest": paths.format_digest()}
     checkpoint = _check_resume(paths, tag) if resume else None
-    resumed = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
+    resumed = read_json(checkpoint / "trainer_state.json") if checkpoint else {}
     with distributed.main_process_first():  # a GGUF model is converted once, by rank 0
         model_path = models.local_model_path(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, model_path)
@@ -356,7 +355,7 @@ def train_stage(cfg: Config, resume: bool = False, *, callbacks: list[Any] | Non
         _print_start(cfg, plan, trainer, len(train_ds))
 
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if "wandb" in report_targets(cfg.train.report_to)[1] and main:
+    if "wandb" in loggers and main:
         # transformers leaves the W&B run open, and the next train_stage in a notebook would log into it.
         import wandb
 
@@ -497,7 +496,7 @@ def _train_report(trainer: Any, runtime: float, log_rows: list[dict[str, Any]], 
         "precision": plan.precision,
         "load_in_4bit": cfg.model.load_in_4bit,
         "speed": plan.speed,
-        "speed_plan": plan.speed_plan.describe() if plan.speed_plan is not None else None,
+        "speed_plan": plan.speed_plan.describe(),
         "speed_prepared": getattr(trainer, "prodtune_speed", None),
         "packing": plan.packing,
         "gradient_checkpointing": plan.gradient_checkpointing,
