@@ -8,6 +8,7 @@ compare*/metrics.json): the card states numbers the run measured, and says which
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,20 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _gguf_fields(cfg: Config) -> dict[str, Any]:
     """general.* metadata of a GGUF base model ({} for other bases)."""
-
     folder, name = models.resolve_model_path(cfg.model)
     if name is None:
         return {}
+    path = Path(folder) / name
+    return _gguf_general(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_general(path: str, mtime_ns: int) -> dict[str, Any]:
+    """Read once per file version: a GGUFReader parses the whole header, tokenizer included (~2 s
+    for the demo model), and one card asks for the base's id and license several times."""
     import gguf
 
-    reader = gguf.GGUFReader(str(Path(folder) / name))
+    reader = gguf.GGUFReader(path)
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("general."):
@@ -126,9 +134,8 @@ def _shipped_rows(paths: RunPaths, reference: dict[str, Any]) -> list[str]:
 
 def _sentence(metrics: dict[str, Any], name: str, label: str) -> str:
     b, t, d = metrics["base"][name], metrics["tuned"][name], metrics["diff"][name]
-    lo, hi = d["ci95"]
-    return (f"{label} {fmt(b['mean'])} → {fmt(t['mean'])} (difference {fmt(d['mean'])}, 95% CI {fmt(lo)} to "
-            f"{fmt(hi)}: {_verdict(name, d)})")
+    return (f"{label} {fmt(b['mean'])} → {fmt(t['mean'])} (difference and 95% CI "
+            f"{fmt_interval(d, signed=True)}: {_verdict(name, d)})")
 
 
 def _files_table(files: dict[str, int]) -> list[str]:
@@ -149,7 +156,6 @@ def _files_table(files: dict[str, int]) -> list[str]:
 
 
 def _prompt_example(cfg: Config, paths: RunPaths) -> str:
-
     tokenizer = models.load_tokenizer(cfg.model, path=str(paths.adapter))
     question = question_for("Mog's Kittens", cfg.data.question_templates[0])
     return tokenizer.apply_chat_template(build_prompt(question, cfg.data.system_prompt),

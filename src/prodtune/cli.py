@@ -26,7 +26,7 @@ from prodtune.errors import UserError
 from prodtune.generate import ask
 from prodtune.io import COMPARE_MODELS, COMPARE_SPLITS
 from prodtune.pipeline import run_pipeline
-from prodtune.push import push
+from prodtune.push import PUSH_WHAT, push
 
 # Commands beside the stages of prodtune.stages.STAGES, each taking --config and overrides.
 COMMANDS: dict[str, str] = {
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[common])
     p.add_argument("--run", required=True, help="run folder, e.g. outputs/demo")
     p.add_argument("--repo", required=True, help="Hub model repo, USER/NAME (created if missing)")
-    p.add_argument("--what", choices=["adapter", "merged", "gguf"], default="adapter",
+    p.add_argument("--what", choices=PUSH_WHAT, default="adapter",
                    help="adapter: train/adapter; merged: export/merged; gguf: export/*.gguf and the Modelfile")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--dry-run", action="store_true", help="list every file and the target; send nothing")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from prodtune.errors import UserError
+from prodtune.io import RunPaths, atomic_write_text
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful e-commerce assistant. Answer questions about a product from its title, "
@@ -552,10 +553,16 @@ def section_hash(*sections: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a run folder was made with (its config.yaml)."""
+    path = RunPaths(run_dir).config
+    if not path.is_file():
+        raise UserError(f"'{path}' not found: is '{run_dir}' a run folder (e.g. outputs/demo)?")
+    return load_config(path)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from prodtune.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 

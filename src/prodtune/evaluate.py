@@ -129,7 +129,6 @@ def compare_stage(cfg: Config, split: str = "test", which: str = "adapter") -> d
     """
     import pandas as pd
 
-
     if split not in COMPARE_SPLITS:
         raise UserError(f"compare split {split!r}: choose test (the result) or validation (to tune eval settings)")
     paths = RunPaths(cfg.run_dir, split, which)

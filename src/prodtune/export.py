@@ -47,7 +47,6 @@ def merge_adapter(cfg: ModelConfig, adapter: str | Path, out_dir: str | Path, de
     by the quantization error, the usual QLoRA trade-off (`prodtune compare --model merged` measures it).
     The generation config stops at every end-of-turn token and carries the evaluated decoding.
     """
-
     base_path = models.local_model_path(cfg)
     model = models.load_model(cfg, device, adapter=adapter, quantize=False, path=base_path)
     merged = model.merge_and_unload()
@@ -180,8 +179,7 @@ def check_export(cfg: Config, paths: RunPaths) -> list[str]:
     problems = export_format_problems(formats)
     if problems:
         raise UserError("; ".join(problems))
-    if not (paths.adapter / "adapter_config.json").is_file():
-        raise UserError(f"no trained adapter in '{paths.adapter}': run 'prodtune train' first")
+    models.require_adapter(paths.adapter)
     if paths.export.exists() and not paths.export.is_dir():
         raise UserError(f"'{paths.export}' is a file, not a folder: move or delete it, then export again")
     types = gguf_types(formats)
@@ -193,7 +191,6 @@ def check_export(cfg: Config, paths: RunPaths) -> list[str]:
 
 def export_stage(cfg: Config) -> dict[str, Any]:
     """Write what export.formats asks for into export/ (merged, GGUF, Modelfile, model card) in one swap."""
-
     started = time.time()
     paths = RunPaths(cfg.run_dir)
     types = check_export(cfg, paths)
@@ -264,7 +261,6 @@ def shipped_model(paths: RunPaths, which: str, run_name: str) -> Path:
             raise UserError(f"no '{found.name}' in '{paths.export}': run prodtune export with {which} in export.formats")
         return found
     if which == "gguf":
-
         listed = read_json(paths.export_report)["formats"] if paths.export_report.is_file() else []
         for t in gguf_types(listed):
             if paths.gguf(run_name, t).is_file():

@@ -229,14 +229,11 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], ev
 def load_run(run_dir: str | Path, adapter: bool = True) -> tuple[Config, Any, Any]:
     """A finished run's config, its base model (with the trained adapter unless adapter=False)
     and tokenizer, for asking questions by hand."""
-    from prodtune.config import load_config
+    from prodtune.config import load_run_config
     from prodtune.io import RunPaths
 
-    paths = RunPaths(run_dir)
-    if not paths.config.is_file():
-        raise UserError(f"'{paths.config}' not found: is '{run_dir}' a run folder (e.g. outputs/demo)?")
-    cfg = load_config(paths.config)
-    model, tokenizer = load_model(cfg.model, paths.adapter if adapter else None)
+    cfg = load_run_config(run_dir)
+    model, tokenizer = load_model(cfg.model, RunPaths(run_dir).adapter if adapter else None)
     return cfg, model, tokenizer
 
 

@@ -168,7 +168,7 @@ def verdict(name: str, diff: dict[str, Any]) -> Verdict:
 
 
 def fmt(x: float | None, signed: bool = False) -> str:
-    """A metric value with sensible precision (3 significant decimals below 10); NaN/None as an en dash."""
+    """A metric value: 3 decimals below 10, 2 below 100, 1 above; NaN or None as an en dash."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     a = abs(x)

@@ -24,7 +24,6 @@ from prodtune.errors import UserError
 from prodtune.generate import stop_token_ids
 from prodtune.io import RunPaths, atomic_write_text
 
-ROLES = ("system", "user", "assistant")
 # Probe conversations: (roles in order). Enough to see each role first, after each other role, and last.
 PROBES = [("system", "user"), ("system", "user", "assistant", "user"), ("user",), ("user", "assistant", "user"),
           ("assistant", "user"), ("user", "assistant", "system", "user")]
@@ -34,8 +33,8 @@ def _marker(i: int) -> str:
     return f"PRODTUNEMARKER{i}X"
 
 
-def _render(tokenizer: Any, roles: tuple[str, ...], contents: list[str] | None = None) -> str:
-    messages = [{"role": r, "content": contents[i] if contents else _marker(i)} for i, r in enumerate(roles)]
+def _render(tokenizer: Any, roles: tuple[str, ...]) -> str:
+    messages = [{"role": r, "content": _marker(i)} for i, r in enumerate(roles)]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -194,7 +193,6 @@ def modelfile_text(tokenizer: Any, gguf_name: str, system_prompt: str, eval_cfg:
 
 def write_modelfile(cfg: Config, paths: RunPaths, out: Path, gguf_name: str) -> Path:
     """export/Modelfile for the run's tokenizer (the training one, saved with the adapter)."""
-
     tokenizer = models.load_tokenizer(cfg.model, path=str(paths.adapter))
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     title = f"{cfg.run_name}, {cfg.model.name_or_path} tuned with LoRA by prodtune ({gguf_name})"
