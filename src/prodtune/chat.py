@@ -6,7 +6,7 @@
 Each message becomes {"role", "content"} with the role one of system, user or assistant (ShareGPT's
 `from: human / gpt` are read as user / assistant). The assistant's last turn is what the model
 learns to write and what a comparison scores; every message before it is the prompt, so earlier
-assistant turns are context, never trained on. Pure functions: rawdata parses with them, clean
+assistant turns are context, never trained on. Pure functions: the readers parse with them (chunks.add_conversation), clean
 cleans the messages, prompts formats them.
 """
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from xxhash import xxh3_64_intdigest as _xxh64
 
 from prodtune import chunks
 from prodtune.chat import first_question, last_answer
@@ -48,8 +48,6 @@ from prodtune.rules import (N_EXAMPLES, Edit, cap_text, clean_column, is_review_
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([("uid", pa.string()), ("title", pa.string()), ("content", pa.string())])
-"""clean.parquet of trn.json; context columns or a conversation add columns (clean_schema)."""
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 DROP_RULES = ("bad_input", "missing", "no_answer", "too_short", "content_is_title", "review_blurb", "duplicate",
               "duplicate_title")
@@ -101,13 +99,6 @@ def _diff_window(before: str, after: str) -> tuple[str, str]:
     start = max(0, i - 60)
     lead = "…" if start else ""
     return lead + excerpt(before[start:]), lead + excerpt(after[start:])
-
-
-try:  # xxhash comes with datasets; blake2b is the slower stand-in
-    from xxhash import xxh3_64_intdigest as _xxh64
-except ImportError:  # pragma: no cover
-    def _xxh64(b: bytes) -> int:
-        return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
 
 
 def _as_text(value: Any) -> str:

@@ -29,8 +29,7 @@ from prodtune.chat import TITLE_CHARS, split_conversation
 from prodtune.columns import CLEAN_COLUMNS
 from prodtune.config import Config, DataConfig, ModelConfig, section_hash
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, write_json, write_jsonl
-from prodtune.io import excerpt
+from prodtune.io import RunPaths, excerpt, write_json, write_jsonl
 from prodtune.rules import text_key
 
 SPLITS = ("train", "validation", "test")

@@ -175,7 +175,7 @@ def clean_column(texts: list[str], data: DataConfig, content: bool,
     A rule at a time over the column: a C-speed test ('&' in s, s.isascii() ...) picks the few rows
     the rule can change, and only those pay for it. Returns, per rule, the rows it changed, with the
     text just before and after for the first few. `to_normalize`, when given, lists the rows of the
-    raw column that need_normalizing (found faster in bulk by rows_to_normalize).
+    raw column that needs_normalizing (found faster in bulk by rows_to_normalize).
     """
     rules = [("entities", data.unescape_entities, "&", _unescape),
              ("html", data.strip_html, "<", strip_tags),

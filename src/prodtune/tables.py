@@ -63,7 +63,7 @@ def _head(path: Path) -> tuple[bytes, bool]:
     try:
         with gzip.open(path, "rb") as g:
             return g.read1(_HEAD), True
-    except (OSError, EOFError):
+    except chunks.STREAM_ERRORS:  # a corrupt stream: the reader names where it breaks
         return b"", True
 
 
@@ -360,8 +360,6 @@ def _hub_chunks(spec: str, first: Any, it: Iterator[Any], chunk_rows: int, mappi
                 yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i - 1)
                 objects = []
             objects.append((i, f"row{i}", row))
-    except UserError:
-        raise
     except Exception as e:  # the network dropped mid-stream
         raise fail(e) from None
     yield Chunk(spec, mapping, objects[0][0], objects=objects, unit="row", position=i)
