@@ -25,8 +25,9 @@ def cpu_plan(dequantize: bool = False, rows: int = 2) -> fast.SpeedPlan:
                           dequantize_once=dequantize, attn_implementation="sdpa")
 
 
-def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool = False, n_rows: int = 12):
-    """An SFTTrainer over format-stage rows, set up the way train.py does plus fast's overrides."""
+def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool = False, n_rows: int = 12,
+                 cls=None, **extra):
+    """An SFTTrainer (or `cls`) over format-stage rows, set up the way train.py does plus fast's overrides."""
     from datasets import Dataset
     from peft import LoraConfig
     from tiny_run import product_rows
@@ -45,8 +46,9 @@ def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool 
                 report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
                 optim="adamw_torch", shuffle_dataset=False)
     args.update(fast.sft_overrides(speed))
+    args.update(extra)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=Dataset.from_list(rows),
+    trainer = (cls or SFTTrainer)(model=model, args=SFTConfig(**args), train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora)
     fast.prepare(trainer.model, speed)
     return trainer
@@ -297,6 +299,84 @@ def test_cast_frozen_keeps_trainable_params():
     assert lora.weight.dtype == torch.float32
 
 
+# ----------------------------------------------------------------------------- no waiting in a step
+
+def test_trainer_class_by_path():
+    from trl import SFTTrainer
+
+    assert fast.trainer_class(fast.SpeedPlan("plain", "reference")) is SFTTrainer
+    sync_free = fast.trainer_class(cpu_plan())
+    assert issubclass(sync_free, SFTTrainer) and sync_free is not SFTTrainer
+    assert fast.trainer_class(fast.SpeedPlan("small", "x", rows=1)) is sync_free  # one class
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sync_free_trainer_trains_counts_and_logs_like_trl(tiny_model_dir, tmp_path, accum):
+    """The speed paths' trainer (no GPU reads inside a step) against TRL's own: the same losses, the
+    same tokens seen at every step, the same metric names; entropy and token accuracy are the same
+    numbers with one micro-batch per step (token-weighted over the micro-batches otherwise)."""
+    speed = fast.SpeedPlan("fast", "cpu test", rows=1, max_length=MAX_LEN, grad_accum=accum, checkpoint_every=0,
+                           attn_implementation="sdpa")
+    logs, tokens = {}, {}
+    for name, cls in (("trl", None), ("ours", fast.trainer_class(speed))):
+        torch.manual_seed(0)
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, speed, n_rows=24, cls=cls, max_steps=3,
+                               logging_steps=1, include_num_input_tokens_seen="non_padding", learning_rate=1e-3)
+        seen = []
+
+        from transformers import TrainerCallback
+
+        class Seen(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                seen.append(state.num_input_tokens_seen)
+
+        trainer.add_callback(Seen())
+        trainer.train()
+        logs[name] = [row for row in trainer.state.log_history if "loss" in row]
+        tokens[name] = seen
+    assert tokens["ours"] == tokens["trl"] and tokens["trl"][-1] > 0
+    assert [len(logs["ours"]), len(logs["trl"])] == [3, 3]
+    for ours, trl in zip(logs["ours"], logs["trl"]):
+        assert set(trl) <= set(ours)
+        assert ours["loss"] == pytest.approx(trl["loss"], rel=1e-5)
+        assert ours["num_tokens"] == trl["num_tokens"] and ours["num_input_tokens_seen"] == trl["num_input_tokens_seen"]
+        tol = 1e-5 if accum == 1 else 5e-2
+        assert ours["entropy"] == pytest.approx(trl["entropy"], rel=tol)
+        assert ours["mean_token_accuracy"] == pytest.approx(trl["mean_token_accuracy"], rel=tol, abs=1e-6)
+
+
+def test_longest_example_reads_packed_and_unpacked_datasets():
+    from datasets import Dataset
+
+    packed = Dataset.from_dict({"input_ids": [[1] * 10, [1] * 7], "seq_lengths": [[4, 6], [7]]})
+    plain = Dataset.from_dict({"input_ids": [[1] * 3, [1] * 9]})
+    assert fast.longest_example(packed) == 7
+    assert fast.longest_example(plain, {"a": packed}) == 9
+    assert fast.longest_example(None, Dataset.from_dict({"text": ["x"]})) is None
+
+
+def test_attention_bound_is_the_longest_example_unless_a_batch_is_longer():
+    from prodtune.attention import steady_kwargs
+
+    hook = steady_kwargs(64, keep_boundaries=True, longest=20)
+    for here, bound in ((14, 20), (20, 20), (21, 64)):  # a longer example than the data's: the row length
+        _, kwargs = hook(None, (), packed_kwargs([here, 3]))
+        assert kwargs["max_length_q"] == kwargs["max_length_k"] == bound and "seq_idx" not in kwargs
+    _, kwargs = steady_kwargs(64, keep_boundaries=True)(None, (), packed_kwargs([5]))
+    assert kwargs["max_length_q"] == 64
+
+
+def test_prepare_sizes_attention_to_the_data(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN,
+                                                                    checkpoint_every=0))
+    longest = fast.longest_example(trainer.train_dataset)
+    assert 10 < longest < MAX_LEN
+    done = fast.prepare(trainer.model, fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN,
+                                                      checkpoint_every=0, attn_implementation=fast.VARLEN),
+                        longest=longest)
+    assert done["attention_bound"] == longest
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu
@@ -313,8 +393,9 @@ def test_packed_attention_matches_alone_on_gpu(tiny_model_dir, compiled, attn):
         with torch.no_grad():  # larger weights, so that the output depends on the context
             for p in m.parameters():
                 p.mul_(8.0)
+        # The bound the data gives (its longest example, 200 tokens), not the 256-token row.
         fast.prepare(m.cuda(), fast.SpeedPlan("fast", "gpu test", rows=1, max_length=256, compile=compiled,
-                                              checkpoint_every=0, attn_implementation=attn))
+                                              checkpoint_every=0, attn_implementation=attn), longest=200)
         return m
 
     # The same kernel packed and alone (flash attention in bf16, the rest fp32): any difference is
@@ -343,3 +424,39 @@ def test_packed_attention_matches_alone_on_gpu(tiny_model_dir, compiled, attn):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         rel = float((p.grad - q.grad).norm() / q.grad.norm().clamp(min=1e-12))
         assert rel < 1e-2, f"{name}: gradient differs by {rel:.3g} (relative)"
+
+
+@pytest.mark.gpu
+def test_sync_free_trainer_does_not_wait_for_the_gpu(tiny_model_dir, tmp_path):
+    """Inside the optimizer steps after the first, the speed paths' trainer reads the GPU back at most
+    once per micro-batch (TRL's fused LM head selects the labelled positions by a boolean mask);
+    TRL's own trainer does so several times. torch's sync debug mode warns at every such read."""
+    import warnings
+
+    from transformers import TrainerCallback
+
+    speed = fast.SpeedPlan("fast", "gpu test", rows=2, max_length=MAX_LEN, grad_accum=2, checkpoint_every=0,
+                           attn_implementation=fast.VARLEN, bf16_frozen=True)
+    reads = {}
+    for name, cls in (("trl", None), ("ours", fast.trainer_class(speed))):
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, speed, n_rows=48, cls=cls, max_steps=4,
+                               logging_steps=100, include_num_input_tokens_seen="non_padding", use_cpu=False,
+                               bf16=True)
+        trainer.model.cuda()
+
+        class Armed(TrainerCallback):  # from the end of step 1 to the end of step 3: two whole steps
+            def on_step_end(self, args, state, control, **kwargs):
+                torch.cuda.set_sync_debug_mode("warn" if state.global_step == 1 else 0)
+
+        trainer.add_callback(Armed())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                trainer.train()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        reads[name] = [f"{w.filename.split('/')[-1]}:{w.lineno}" for w in caught
+                       if "synchronizing" in str(w.message)]
+    micro_batches = 2 * speed.grad_accum
+    assert len(reads["ours"]) <= micro_batches, reads["ours"]
+    assert len(reads["trl"]) > len(reads["ours"]), reads

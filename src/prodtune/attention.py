@@ -22,19 +22,25 @@ FLEX = "prodtune_flex"
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def steady_kwargs(max_length: int, keep_boundaries: bool) -> Any:
+def steady_kwargs(max_length: int, keep_boundaries: bool, longest: int | None = None) -> Any:
     """A forward pre-hook for the decoder stack: what reaches the layers keeps one type and value
     from batch to batch, so compiled layers do not recompile. With varlen attention the example
-    boundaries stay (their length changes: marked dynamic) and the longest-example bound becomes
-    the constant row length; otherwise the varlen keyword arguments are dropped."""
+    boundaries stay (their length changes: marked dynamic) and the longest-example bound becomes a
+    constant: `longest` (the data's longest example; the kernel's work grows with it), or the row
+    length `max_length` for a batch whose own longest (TRL's collator gives it) is longer.
+    Otherwise the varlen keyword arguments are dropped."""
     import torch
+
+    bound = min(longest or max_length, max_length)
 
     def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         kwargs.pop("seq_idx", None)
         if keep_boundaries and kwargs.get("cu_seq_lens_q") is not None:
             for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
                 torch._dynamo.maybe_mark_dynamic(kwargs[key], 0)
-            kwargs["max_length_q"] = kwargs["max_length_k"] = max_length
+            here = kwargs.get("max_length_q")
+            fits = isinstance(here, int) and here <= bound
+            kwargs["max_length_q"] = kwargs["max_length_k"] = bound if fits else max_length
         else:
             for key in VARLEN_KWARGS:
                 kwargs.pop(key, None)

@@ -27,17 +27,25 @@ micro-batch, fp32 residual stream) keeps an H100 about 2% busy. What these paths
   (5N), smaller ones every layer.
 * Cross-entropy: TRL >= 1.16 already projects through the LM head in chunks and only at labelled
   positions (its fused LM head), so the full fp32 logits are never built.
+* No waiting for the GPU inside a step (`trainer_class`): transformers and TRL read token counts and
+  metrics back with `.item()` on every micro-batch; each such read empties the GPU's queue, and the
+  Python work after it (the 8-bit AdamW's 448 launches, the next batch) then runs on an idle GPU.
+  Here they are counted on the GPU and read back later, without stopping it.
+* Attention sized to the data: flash attention's kernel launches work for the longest example it is
+  told of; the bound is the longest example of the datasets, not the 2048-token row.
 
 bench/NOTES.md has the measurements. prodtune.plan and train.py use it as:
 
     speed = fast.plan(cfg.train, cfg.model, device)            # plan.make_plan
     args = SFTConfig(..., **fast.sft_overrides(speed))         # train.sft_config
     trainer = SFTTrainer(...)
-    fast.prepare(trainer.model, speed, compile_cache)          # train.build_trainer
+    trainer = fast.trainer_class(speed)(...)                   # train.build_trainer
+    fast.prepare(trainer.model, speed, compile_cache, longest)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -224,16 +232,163 @@ def sft_overrides(speed: SpeedPlan) -> dict[str, Any]:
         "dataloader_num_workers": 1,
         "gradient_checkpointing_kwargs": ({"use_reentrant": False, "every_n_layers": speed.checkpoint_every}
                                           if speed.checkpoint_every > 0 else None),
+        # Each check of a loss for NaN is a read of the GPU (an emptied queue); a NaN loss then shows in
+        # the logged loss instead of being replaced by the running mean.
+        "logging_nan_inf_filter": False,
+        # Batches go to the GPU from pinned memory without waiting for the work queued before them.
+        "dataloader_pin_memory": True,
+        "accelerator_config": {"non_blocking": True},
     }
+
+
+def trainer_class(speed: SpeedPlan) -> type:
+    """The trainer class of a plan: TRL's SFTTrainer on the plain path (the reference), its subclass
+    that never waits for the GPU inside an optimizer step on the speed paths."""
+    from trl import SFTTrainer
+
+    return SFTTrainer if speed.path == "plain" else _sync_free_trainer()
+
+
+@functools.cache
+def _sync_free_trainer() -> type:
+    """SFTTrainer whose training step never reads the GPU back (one class, made on first use: trl is
+    imported only when training)."""
+    import torch
+    from trl import SFTTrainer
+
+    class SyncFreeSFTTrainer(SFTTrainer):
+        """TRL's SFTTrainer, with its per-micro-batch reads of the GPU moved out of the step.
+
+        Written by hand because neither library has a switch for it: transformers' training loop
+        counts each micro-batch's tokens with `.item()` after its backward, and TRL's compute_loss
+        reads entropy, token accuracy and token count with `.item()`s after its forward. Each read
+        waits until the GPU has finished all queued work; what follows it (the optimizer's per-tensor
+        launches, callbacks, the next batch) then runs while the GPU idles: ~15% of a fast-path step
+        on an H200 (bench/NOTES.md). Here:
+
+        * tokens are counted on the GPU as each batch arrives, before its forward is queued, and come
+          back through pinned memory; the count is read after the backward is queued, waiting at
+          most until the GPU has started that micro-batch (the queue stays full). The number in
+          the trainer's state is the same as transformers' own, step for step.
+        * the metrics are summed on the GPU and read once per log: entropy and token accuracy are
+          then token-weighted over the logging window (TRL averages per-micro-batch ratios).
+        * anything else (evaluation, other losses, outputs asked for) is TRL's own code.
+        """
+
+        _token_counts: list[tuple[Any, Any]]
+        _metric_sums: Any = None
+
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.args.include_num_input_tokens_seen != "no":
+                self._token_counts = [self._count_tokens(batch) for batch in batches]
+            return batches, num_items
+
+        def _count_tokens(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
+            """(count, event): this micro-batch's tokens over all processes, counted as transformers'
+            Trainer counts them, in pinned memory once `event` has passed (None on a CPU)."""
+            name = getattr(self.model, "main_input_name", "input_ids")
+            ids = inputs[name]
+            pad = getattr(self.processing_class, "pad_token_id", None)
+            if self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" in inputs:
+                n = inputs["attention_mask"].sum()
+            elif self.args.include_num_input_tokens_seen == "non_padding" and pad is not None:
+                n = (ids != pad).sum()
+            else:
+                n = torch.full((), ids.numel(), device=ids.device)  # a fill, not a copy that waits
+            n = self.accelerator.gather(n.to(torch.int64).reshape(1)).sum()
+            if n.device.type != "cuda":
+                return n, None
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(n, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return host, event
+
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            if self.args.include_num_input_tokens_seen == "no":
+                return
+            if not getattr(self, "_token_counts", None):  # not from get_batch_samples: count as transformers does
+                return super()._track_num_input_tokens(inputs)
+            count, event = self._token_counts.pop(0)
+            if event is not None:
+                event.synchronize()  # recorded before this micro-batch's forward was queued
+            self.state.num_input_tokens_seen += int(count)
+
+        def _own_loss(self) -> bool:
+            """Whether TRL's compute_loss would take its default branch (the nll loss of its fused LM head)."""
+            pc = getattr(self.accelerator, "parallelism_config", None)
+            return (self.compute_loss_func is None and self.label_smoother is None
+                    and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                    and not (pc is not None and getattr(pc, "sp_enabled", False)))
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if return_outputs or not self.model.training or not self._own_loss():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # TRL's default branch, without its metric reads.
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            mask = outputs.label_mask
+            n = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:
+                tokens = torch.full((), inputs["position_ids"].size(1), device=mask.device)
+            sums = torch.stack([mask.sum().double(), outputs.entropy.detach().sum().double(),
+                                outputs.is_top1.sum().double(), tokens.double()])
+            self._metric_sums = sums if self._metric_sums is None else self._metric_sums + sums
+            return loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self._metric_sums is not None and self.model.training:
+                sums = self.accelerator.gather_for_metrics(self._metric_sums.unsqueeze(0)).sum(0)
+                valid, entropy, correct, tokens = sums.tolist()
+                self._metric_sums = None
+                self._total_train_tokens += int(tokens) // self._tp_size
+                metrics = self._metrics["train"]
+                metrics["entropy"] = [entropy / valid if valid > 0 else 0.0]
+                metrics["mean_token_accuracy"] = [correct / valid if valid > 0 else 0.0]
+                metrics["num_tokens"] = [self._total_train_tokens]
+            super().log(logs, start_time)
+
+    return SyncFreeSFTTrainer
+
+
+def longest_example(*datasets: Any) -> int | None:
+    """The most tokens of one example in these (tokenized, maybe packed) datasets, or None when
+    none has token ids. Packed rows keep their examples' lengths in TRL's `seq_lengths`."""
+    import pyarrow.compute as pc
+
+    best = None
+    for ds in datasets:
+        for one in (ds.values() if isinstance(ds, dict) else [ds]):
+            names = getattr(one, "column_names", None) or []
+            table = getattr(one, "data", None)
+            if "seq_lengths" in names:
+                value = pc.max(pc.list_flatten(table.column("seq_lengths"))).as_py()
+            elif "input_ids" in names:
+                value = pc.max(pc.list_value_length(table.column("input_ids"))).as_py()
+            else:
+                continue
+            if value is not None:
+                best = max(best or 0, int(value))
+    return best
 
 
 # ----------------------------------------------------------------------------- model surgery
 
-def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = None) -> dict[str, Any]:
+def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = None,
+            longest: int | None = None) -> dict[str, Any]:
     """Apply the plan to the (PEFT-wrapped) model, after SFTTrainer is built and before train().
 
     `compile_cache` is where compiled kernels are kept for the next run (unless
-    TORCHINDUCTOR_CACHE_DIR is set). Returns what was done, for the training report.
+    TORCHINDUCTOR_CACHE_DIR is set). `longest` is the longest example of the data (`longest_example`):
+    varlen attention is sized to it (a batch with a longer one, which the data cannot have, gets the
+    row length). Returns what was done, for the training report.
     """
     if speed.path == "plain":
         return {}
@@ -249,8 +404,11 @@ def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = Non
     if attn and base.config._attn_implementation != attn:
         base.set_attn_implementation(attn)
     done["attn_implementation"] = base.config._attn_implementation
+    bound = min(longest, speed.max_length) if longest else speed.max_length
+    if attn == VARLEN:
+        done["attention_bound"] = bound
     base.get_decoder().register_forward_pre_hook(
-        steady_kwargs(speed.max_length, keep_boundaries=attn == VARLEN), with_kwargs=True)
+        steady_kwargs(speed.max_length, keep_boundaries=attn == VARLEN, longest=bound), with_kwargs=True)
     if speed.dequantize_once:
         done["dequantized_gib"] = round(dequantize_once(base) / 2**30, 2)
     if speed.compile:

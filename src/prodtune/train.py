@@ -104,11 +104,10 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
     """An SFTTrainer with LoRA on the resolved targets; tokenizes and masks the datasets."""
     import torch
     from transformers import ProgressCallback
-    from trl import SFTTrainer
 
     targets = models.resolve_lora_targets(model, lora_cfg.target_modules)
     args = sft_config(train_cfg, plan, output_dir, eval_ds is not None, eval_on_start)
-    trainer = SFTTrainer(
+    trainer = fast.trainer_class(plan.speed_plan)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=models.peft_lora_config(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, targets),
         callbacks=callbacks)
@@ -122,7 +121,8 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     # The speed paths: bf16 frozen weights, varlen attention, dequantize-once, the compiled decoder block.
-    trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan, plan.compile_cache)
+    longest = fast.longest_example(trainer.train_dataset, trainer.eval_dataset) if plan.speed != "plain" else None
+    trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan, plan.compile_cache, longest)
     return trainer
 
 
@@ -135,47 +135,74 @@ def step_clock(started: float, cuda: bool) -> Any:
 
     `first_step_s` counts from `started` (the stage's start; the model load in the bench) to the
     end of the first optimizer step: loading, compiling and warming up included. `summary()` gives
-    it with the steady tokens/s over the steps after the first WARMUP_STEPS.
+    it with the steady tokens/s over the steps after the first WARMUP_STEPS. On a GPU the steps are
+    timed by CUDA events on the GPU's own timeline: waiting for the GPU at each step's end would
+    itself leave it idle while the next step is set up.
     """
     from transformers import TrainerCallback
 
-    def now() -> float:
-        if cuda:
-            import torch
+    if cuda:
+        import torch
 
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    def stamp() -> Any:
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.first_step_s: float | None = None
-            self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
-            self._mark, self._tokens = time.perf_counter(), 0
+            self._done: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
+            self._pending: list[tuple[Any, Any, int]] = []  # (start, end, tokens): events not yet read
+            self._mark, self._tokens = stamp(), 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self._mark, self._tokens = now(), state.num_input_tokens_seen
+            self._mark, self._tokens = stamp(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kwargs):
-            t = now()
+            end = stamp()
             if self.first_step_s is None:
-                self.first_step_s = t - started
-            self.steps.append((t - self._mark, state.num_input_tokens_seen - self._tokens))
-            self._mark, self._tokens = t, state.num_input_tokens_seen
+                if cuda:
+                    end.synchronize()
+                self.first_step_s = time.perf_counter() - started
+            self._pending.append((self._mark, end, state.num_input_tokens_seen - self._tokens))
+            self._mark, self._tokens = end, state.num_input_tokens_seen
+            self._read(wait=False)
 
         def _pause(self, args, state, control, **kwargs):  # not training: the next step starts here
-            self._mark = now()
+            self._mark = stamp()
 
         on_evaluate = on_log = on_save = _pause
 
+        def _read(self, wait: bool) -> None:
+            """Turn the steps whose end the GPU has passed (all of them with `wait`) into seconds."""
+            while self._pending:
+                start, end, tokens = self._pending[0]
+                if cuda and not wait and not end.query():
+                    return
+                if cuda:
+                    end.synchronize()
+                self._done.append((start.elapsed_time(end) / 1000 if cuda else end - start, tokens))
+                self._pending.pop(0)
+
+        @property
+        def steps(self) -> list[tuple[float, int]]:
+            """(seconds, tokens) of each optimizer step so far."""
+            self._read(wait=True)
+            return list(self._done)
+
         def summary(self) -> dict[str, Any]:
             """first_step_s, the steady tokens/s and step time, and how many steps they cover."""
-            skip = WARMUP_STEPS if len(self.steps) > WARMUP_STEPS else max(0, len(self.steps) - 1)
-            timed = self.steps[skip:] if len(self.steps) > 1 else []
+            steps = self.steps
+            skip = WARMUP_STEPS if len(steps) > WARMUP_STEPS else max(0, len(steps) - 1)
+            timed = steps[skip:] if len(steps) > 1 else []
             seconds, tokens = sum(s for s, _ in timed), sum(t for _, t in timed)
             return {"first_step_s": round(self.first_step_s, 2) if self.first_step_s is not None else None,
                     "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
                     "step_s": round(seconds / len(timed), 4) if timed else None,
-                    "steady_steps": len(timed), "warmup_steps_left_out": len(self.steps) - len(timed)}
+                    "steady_steps": len(timed), "warmup_steps_left_out": len(steps) - len(timed)}
 
     return StepClock()
 
