@@ -87,6 +87,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "small-eager": {"train": {"speed": "small"}, "plan": {"compile": False}},
     "small-8k": {"train": {"speed": "small"}, "plan": {"rows": 4, "grad_accum": 2}},  # 4 rows per micro-batch
     "fast-adamw": {"train": {"speed": "auto", "optim": "adamw_torch_fused"}},  # 32-bit fused AdamW, one kernel
+    # The fast path as it was before the step stopped waiting for the GPU: TRL's own trainer (its
+    # .item()s), attention sized to the 2048-token row, each padding token its own example.
+    "fast-before": {"train": {"speed": "auto"}, "before": True},
+    "small-before": {"train": {"speed": "small"}, "before": True},
+    # small with 8k micro-batches and TRL's activation offloading (the checkpointed layer inputs go to
+    # pinned CPU memory on a side stream), the way Unsloth keeps 16k-token micro-batches in ~5 GiB.
+    "small-8k-offload": {"train": {"speed": "small"}, "plan": {"rows": 4, "grad_accum": 2}, "offload": True},
     "small-flex": {"train": {"speed": "small"}, "plan": {"attn_implementation": "flex_attention", "compile": False}},
     "small-l4": {"train": {"speed": "auto"}, "cap_gib": 22.0},  # what an L4 (24 GB) runs, in 22 GiB
     "small-t4": {"train": {"speed": "auto"}, "cap_gib": 15.0, "t4": True},  # a T4's plan in 15 GiB
@@ -230,6 +237,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         plan = dataclasses.replace(plan, speed_plan=speed, batch=batch,
                                    gradient_checkpointing=speed.checkpoint_every > 0)
 
+    if spec.get("before"):
+        use_previous_fast_path()
     t_load = time.perf_counter()
     tok = models.load_tokenizer(model_cfg, str(model_dir))
     model = models.load_model(model_cfg, plan.device, training=True, path=str(model_dir),
@@ -240,6 +249,10 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     losses = Losses()
     trainer = train.build_trainer(model, tok, data, None, lora_cfg, train_cfg, plan,
                                   Path(tempfile.mkdtemp(prefix="bench-train-")), callbacks=[clock, losses])
+    if spec.get("offload") and cuda:
+        from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+        trainer.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=trainer.model)
     if os.environ.get("BENCH_PROFILE") == name and cuda:
         trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
     mark("trainer ready")
@@ -261,6 +274,22 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
                              "step_examples": round(plan.step_examples or 0, 2), "users_clock": clock.summary(),
                              "cap_gib": spec.get("cap_gib"), "t4_plan": spec.get("t4", False),
                              "precision": plan.precision, "compile": compile_stats()})
+
+
+def use_previous_fast_path() -> None:
+    """Switch this process back to the speed paths as they were before they stopped waiting for the
+    GPU inside a step (for a before/after in one call): TRL's trainer, attention sized to the row,
+    the padding as one-token examples, transformers' NaN filter and blocking batch copies."""
+    from trl import SFTTrainer
+
+    from prodtune import fast
+
+    overrides = fast.sft_overrides
+    fast.trainer_class = lambda speed: SFTTrainer
+    fast.longest_example = lambda *datasets: None
+    fast.OnePaddingSegment = lambda collate: collate
+    fast.sft_overrides = lambda speed: {k: v for k, v in overrides(speed).items()
+                                        if k not in ("logging_nan_inf_filter", "accelerator_config")}
 
 
 def Losses() -> Any:

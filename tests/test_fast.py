@@ -370,11 +370,39 @@ def test_prepare_sizes_attention_to_the_data(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN,
                                                                     checkpoint_every=0))
     longest = fast.longest_example(trainer.train_dataset)
-    assert 10 < longest < MAX_LEN
-    done = fast.prepare(trainer.model, fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN,
-                                                      checkpoint_every=0, attn_implementation=fast.VARLEN),
-                        longest=longest)
-    assert done["attention_bound"] == longest
+    assert longest == max(n for row in trainer.train_dataset["seq_lengths"] for n in row)
+    speed = fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN, checkpoint_every=0,
+                           attn_implementation=fast.VARLEN)
+    assert fast.prepare(trainer.model, speed, longest=50)["attention_bound"] == 50
+    assert fast.prepare(trainer.model, speed, longest=5000)["attention_bound"] == MAX_LEN  # never past the row
+
+
+def test_padding_becomes_one_segment_and_the_loss_stays(tiny_model_dir, tmp_path):
+    """The padding at the end of a packed micro-batch (TRL: one 1-token example per pad token) becomes
+    one segment; the boundaries of the real examples, and the loss and gradients, stay the same."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN,
+                                                                    checkpoint_every=0, attn_implementation=fast.VARLEN))
+    fast.prepare(trainer.model, fast.SpeedPlan("fast", "cpu test", rows=2, max_length=MAX_LEN, checkpoint_every=0,
+                                               attn_implementation=fast.VARLEN))
+    feats = [{k: r[k] for k in ("input_ids", "completion_mask", "seq_lengths") if k in r}
+             for r in trainer.train_dataset.select(range(2))]
+    before = trainer.data_collator(feats)
+    after = fast.OnePaddingSegment(trainer.data_collator)(feats)
+    lengths, merged = before["cu_seq_lens_q"].diff().tolist(), after["cu_seq_lens_q"].diff().tolist()
+    pads = len(lengths) - len([n for n in lengths if n > 1])
+    assert pads >= 2, "the test needs padding at the end of the micro-batch"
+    assert merged == [n for n in lengths if n > 1] + [pads]
+    assert after["max_length_q"] == max(merged) and after["seq_idx"].shape == before["seq_idx"].shape
+    assert int(after["seq_idx"][0, -1]) == len(merged) - 1
+    results = []
+    for batch in (before, after):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        results.append((float(loss), torch.cat([p.grad.flatten() for p in trainer.model.parameters()
+                                                if p.requires_grad])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -49,6 +49,42 @@ def steady_kwargs(max_length: int, keep_boundaries: bool, longest: int | None = 
     return hook
 
 
+class OnePaddingSegment:
+    """A collator wrapper: the padding at the end of a padding-free micro-batch becomes one segment.
+
+    TRL pads the flattened rows to one shape with pad tokens at position 0, which its boundaries
+    (cu_seq_lens_*) count as one 1-token example each: ~180 of the ~250 "examples" of a 16k-token
+    micro-batch of AmazonTitles-sized examples, and flash attention's varlen kernel launches work for
+    every one of them. Joined into one segment they cost what one example does. Nothing trained
+    changes: those positions have label -100 and attend only among themselves (a real example of
+    1 token, had one ended a batch, would still see only itself: attention is causal).
+    Runs where the collator runs (the dataloader's worker, on the CPU).
+    """
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        import torch
+
+        batch = self.collate(examples)
+        cu = batch.get("cu_seq_lens_q")
+        if cu is None or cu.dim() != 1 or cu.numel() < 3:
+            return batch
+        lengths = cu.diff()
+        not_one = (lengths != 1).nonzero()
+        keep = int(not_one[-1]) + 1 if len(not_one) else 0  # segments before the trailing 1-token run
+        if lengths.numel() - keep < 2:
+            return batch
+        cu = torch.cat([cu[:keep + 1], cu[-1:]])
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = int(cu.diff().max())
+        if "seq_idx" in batch:
+            batch["seq_idx"] = torch.repeat_interleave(torch.arange(cu.numel() - 1, dtype=batch["seq_idx"].dtype),
+                                                       cu.diff())[None]
+        return batch
+
+
 def register_varlen() -> str:
     """Register `varlen_attention` with transformers' attention interface (and no mask: the
     example boundaries are the mask); return its name."""

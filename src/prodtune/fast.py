@@ -31,8 +31,10 @@ micro-batch, fp32 residual stream) keeps an H100 about 2% busy. What these paths
   metrics back with `.item()` on every micro-batch; each such read empties the GPU's queue, and the
   Python work after it (the 8-bit AdamW's 448 launches, the next batch) then runs on an idle GPU.
   Here they are counted on the GPU and read back later, without stopping it.
-* Attention sized to the data: flash attention's kernel launches work for the longest example it is
-  told of; the bound is the longest example of the datasets, not the 2048-token row.
+* Attention sized to the data: flash attention's kernel launches work for every example, sized to the
+  longest it is told of. The bound is the longest example of the datasets, not the 2048-token row,
+  and the padding at the end of a micro-batch is one segment, not ~180 one-token examples
+  (`OnePaddingSegment`).
 
 bench/NOTES.md has the measurements. prodtune.plan and train.py use it as:
 
@@ -51,7 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from prodtune.attention import FLEX, VARLEN, register_flex, register_varlen, steady_kwargs
+from prodtune.attention import FLEX, VARLEN, OnePaddingSegment, register_flex, register_varlen, steady_kwargs
 from prodtune.config import ModelConfig, TrainConfig
 from prodtune.errors import UserError
 
