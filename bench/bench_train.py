@@ -85,15 +85,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast-flex": {"train": {"speed": "fast"}, "plan": {"attn_implementation": "flex_attention"}},
     "small": {"train": {"speed": "small"}},
     "small-eager": {"train": {"speed": "small"}, "plan": {"compile": False}},
-    "small-8k": {"train": {"speed": "small"}, "plan": {"rows": 4, "grad_accum": 2}},  # 4 rows per micro-batch
+    "small-8k": {"train": {"speed": "small"}, "plan": {"offload": False}},  # the default without offloading
+    "small-4k": {"train": {"speed": "small"}, "plan": {"rows": 2, "grad_accum": 4, "offload": False}},
     "fast-adamw": {"train": {"speed": "auto", "optim": "adamw_torch_fused"}},  # 32-bit fused AdamW, one kernel
     # The fast path as it was before the step stopped waiting for the GPU: TRL's own trainer (its
     # .item()s), attention sized to the 2048-token row, each padding token its own example.
     "fast-before": {"train": {"speed": "auto"}, "before": True},
-    "small-before": {"train": {"speed": "small"}, "before": True},
-    # small with 8k micro-batches and TRL's activation offloading (the checkpointed layer inputs go to
-    # pinned CPU memory on a side stream), the way Unsloth keeps 16k-token micro-batches in ~5 GiB.
-    "small-8k-offload": {"train": {"speed": "small"}, "plan": {"rows": 4, "grad_accum": 2}, "offload": True},
+    "fast-log10": {"train": {"speed": "auto", "logging_steps": 10}},  # a log (a read of the GPU) every 10 steps
+    "small-before": {"train": {"speed": "small"}, "plan": {"rows": 2, "grad_accum": 4, "offload": False},
+                     "before": True},
     "small-flex": {"train": {"speed": "small"}, "plan": {"attn_implementation": "flex_attention", "compile": False}},
     "small-l4": {"train": {"speed": "auto"}, "cap_gib": 22.0},  # what an L4 (24 GB) runs, in 22 GiB
     "small-t4": {"train": {"speed": "auto"}, "cap_gib": 15.0, "t4": True},  # a T4's plan in 15 GiB
@@ -249,10 +249,6 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     losses = Losses()
     trainer = train.build_trainer(model, tok, data, None, lora_cfg, train_cfg, plan,
                                   Path(tempfile.mkdtemp(prefix="bench-train-")), callbacks=[clock, losses])
-    if spec.get("offload") and cuda:
-        from trl.models.activation_offloading import get_act_offloading_ctx_manager
-
-        trainer.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=trainer.model)
     if os.environ.get("BENCH_PROFILE") == name and cuda:
         trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
     mark("trainer ready")
@@ -359,7 +355,8 @@ def result_row(name: str, plan: str, prepared: dict, clock: Any, warmup: int, st
 
 
 def Profiler(step: int) -> Any:
-    """A callback that profiles optimizer step `step` and prints the top CUDA kernels."""
+    """A callback that profiles optimizer step `step` (CPU and CUDA), prints the top CUDA kernels and
+    where the GPU waited (`idle_gaps`), and writes the trace to $OUT/trace-step<step>.json.gz."""
     import torch
     from transformers import TrainerCallback
 
@@ -368,17 +365,53 @@ def Profiler(step: int) -> Any:
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == step:
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None:
-                torch.cuda.synchronize()
-                self.prof.__exit__(None, None, None)
-                print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
-                self.prof = None
+            if self.prof is None:
+                return
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+            try:
+                print(idle_gaps(self.prof.events()), flush=True)
+                if os.environ.get("OUT"):
+                    self.prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"trace-step{step}.json.gz"))
+            except Exception as e:  # the analysis must not cost the measurement
+                print(f"profile analysis failed: {e!r}", flush=True)
+            self.prof = None
 
     return _Profiler()
+
+
+def idle_gaps(events: Any, top: int = 25, min_us: float = 100.0) -> str:
+    """How busy the GPU was in a profiled window: kernel time, the union of kernel intervals, and the
+    longest gaps between kernels with the CPU operations running when each gap began."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    if not kernels:
+        return "no CUDA kernels in the profile"
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for a, b in kernels:
+        if a > end:
+            gaps.append((a - end, end))
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    window = end - kernels[0][0]
+    lines = [f"GPU window {window / 1e3:.1f} ms, kernels busy {busy / 1e3:.1f} ms ({busy / window:.0%}), "
+             f"idle {(window - busy) / 1e3:.1f} ms in {len(gaps)} gaps; gaps > {min_us:g} us: "
+             f"{sum(g for g, _ in gaps if g > min_us) / 1e3:.1f} ms in {sum(1 for g, _ in gaps if g > min_us)}"]
+    for gap, start in sorted(gaps, reverse=True)[:top]:
+        running = sorted((e for e in cpu if e.time_range.start <= start <= e.time_range.end),
+                         key=lambda e: e.time_range.start)
+        names = " > ".join(e.name[:40] for e in running[-4:])
+        lines.append(f"  {gap / 1e3:7.2f} ms at +{(start - kernels[0][0]) / 1e3:7.1f} ms: {names}")
+    return "\n".join(lines)
 
 
 def probe_batch_loss(trainer: Any, collate: Any, probe: list[dict], cuda: bool) -> float:

@@ -60,13 +60,27 @@ def make_trainer(model_dir, tmp_path, speed: fast.SpeedPlan, load_in_4bit: bool 
     (80, "fast", 8, 1, 2),      # H100: 16k-token micro-batches, every other layer checkpointed
     (141, "fast", 8, 1, 0),     # H200: no checkpointing (4N FLOPs per token)
     (40, "fast", 8, 1, 1),      # A100 40 GB: every layer checkpointed
-    (15, "small", 2, 4, 1),     # T4 / L4: 4k tokens, checkpointing, 4-bit weights dequantized per use
+    (22, "small", 4, 2, 1),     # L4: 8k tokens, checkpointing (inputs offloaded), 4-bit weights dequantized per use
 ])
 def test_plan_follows_card_memory(gib, path, rows, accum, ckpt):
-    p = fast.plan(TrainConfig(), ModelConfig(load_in_4bit=True), "cuda", card=fast.Card(gib, (9, 0), True))
+    p = fast.plan(TrainConfig(), ModelConfig(load_in_4bit=True), "cuda", card=fast.Card(gib, (8, 9), True))
     assert (p.path, p.rows, p.grad_accum, p.checkpoint_every) == (path, rows, accum, ckpt)
     assert p.tokens_per_microbatch * p.grad_accum == TrainConfig().step_tokens
     assert p.dequantize_once == (path == "fast") and p.compile  # small compiles its 4-bit layers too
+    assert p.offload == (path == "small")
+    assert fast.sft_overrides(p)["activation_offloading"] == p.offload
+
+
+def test_small_plan_offloads_only_what_it_measured():
+    """Offloading needs every layer checkpointed; a T4 (no flash attention) and FSDP keep it off,
+    with the resident 4k-token micro-batch, and FSDP runs eagerly."""
+    cfg, l4, t4 = ModelConfig(load_in_4bit=True), fast.Card(22, (8, 9), True), fast.Card(15, (7, 5), False)
+    sharded = fast.plan(TrainConfig(), cfg, "cuda", card=l4, sharded=True)
+    assert (sharded.offload, sharded.compile, sharded.rows) == (False, False, 2)
+    assert not fast.plan(TrainConfig(), cfg, "cuda", card=t4).offload
+    no_ckpt = fast.plan(TrainConfig(gradient_checkpointing=False), cfg, "cuda", card=l4)
+    assert (no_ckpt.checkpoint_every, no_ckpt.offload) == (0, False)
+    assert "offloaded" in fast.plan(TrainConfig(), cfg, "cuda", card=l4).describe()
 
 
 @pytest.mark.parametrize("step_tokens, rows, accum", [

@@ -105,11 +105,8 @@ def make_plan(train_cfg: TrainConfig, model_cfg: Any, example_tokens: float | No
                             "run under FSDP; use train.speed=auto (small) or plain")
         train_cfg = replace(train_cfg, speed="small")
     # GPU speed paths: the card's memory picks fast or small unless train.speed says.
-    speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device))
-    if speed.compile and distributed.uses_fsdp():
-        # FSDP's flat parameters (fsdp_use_orig_params: false, peft's QLoRA recipe) are not what
-        # torch.compile traces: the layers run eagerly.
-        speed = replace(speed, compile=False)
+    # Under FSDP (flat parameters: fsdp_use_orig_params false, peft's QLoRA recipe) the layers run eagerly.
+    speed = fast.plan(train_cfg, model_cfg, _device_for_plan(device), sharded=distributed.uses_fsdp())
     processes = distributed.world_size()
     if speed.path != "plain":
         packing, checkpointing = True, speed.checkpoint_every > 0
