@@ -5,7 +5,7 @@
 # WARM_PAIR=1 first runs `fast` twice on one compile cache (cold, then warm).
 # Usage on the device, from this checkout's root (.whl/ and .whl-unsloth/ from
 # ../shared/tools/device-wheels.sh, carried beside it):
-#   CONFIGS=fast,small,unsloth-packed BUDGET=540 TESTS=1 bash bench/run_device.sh
+#   CONFIGS=fast,small,unsloth-packed BUDGET=540 TESTS=1 [TESTS_K=sync] bash bench/run_device.sh
 set -uo pipefail
 start=$SECONDS
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -40,7 +40,7 @@ timeout "$left" python3 bench/bench_train.py --configs "${CONFIGS:-fast,small,re
   --unsloth-site /tmp/site-unsloth --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc $? at $((SECONDS - start)) s"
 if [[ -n "${TESTS:-}" ]]; then
-  timeout "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast.py tests/test_train.py \
+  timeout "$tests_s" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests/test_fast.py tests/test_train.py \
     > "$OUT/gpu-tests.log" 2>&1
   tail -4 "$OUT/gpu-tests.log"
 fi
