@@ -259,6 +259,37 @@ def test_one_compile_serves_every_layer_and_every_batch(tiny_model_dir):
     assert len(graphs) == 1
 
 
+def test_one_compile_when_the_block_runs_in_another_thread(tiny_model_dir):
+    """A checkpointed block is run again by autograd's own thread, whose torch thread count differs
+    (the DataLoader's pin-memory thread sets 1): still one compiled graph."""
+    import threading
+
+    model = four_layer_lora(tiny_model_dir)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fast.prepare(model, fast.SpeedPlan("fast", "cpu test", rows=1, max_length=64, checkpoint_every=0,
+                                       attn_implementation=fast.VARLEN))
+    torch._dynamo.reset()
+    model.get_base_model().enable_input_require_grads()
+    fast.compile_layers(model.get_base_model(), backend=counting_backend)
+    main_threads = torch.get_num_threads()
+    model(**packed_kwargs([7, 9])).logits.sum().backward()
+
+    def other_thread():
+        torch.set_num_threads(1 if main_threads > 1 else 2)
+        model(**packed_kwargs([5, 11])).logits.sum().backward()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert len(graphs) == 1, f"{len(graphs)} compiled graphs"
+    assert torch.get_num_threads() == main_threads
+
+
 def test_varlen_attention_does_not_cross_examples(tiny_model_dir):
     """The speed paths' attention, through transformers with TRL's boundaries (its CPU reference
     here; the GPU test checks the flash kernel): packed log-probs equal each example's alone."""

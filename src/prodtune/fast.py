@@ -593,11 +593,19 @@ def compile_layers(model: Any, backend: Any = "inductor") -> int:
     # layer mix would otherwise fall back to eager silently.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     layers = decoder_layers(model)
+    threads = torch.get_num_threads()
     for layer in layers:
         compiled = torch.compile(layer._call_impl, backend=backend)
 
         def call(*args: Any, _compiled: Any = compiled, _eager: Any = layer._call_impl, **kwargs: Any) -> Any:
-            return _compiled(*args, **kwargs) if torch.is_grad_enabled() else _eager(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return _eager(*args, **kwargs)
+            if torch.get_num_threads() != threads:
+                # A checkpointed block runs again in autograd's own thread during the backward, and
+                # that thread starts with the thread count the DataLoader's pin-memory thread set
+                # (1). Dynamo guards on it: without this it compiles the block a second time.
+                torch.set_num_threads(threads)
+            return _compiled(*args, **kwargs)
 
         # What nn.Module.compile() sets; nn.Module.__call__ runs it instead of _call_impl.
         layer._compiled_call_impl = call
