@@ -66,8 +66,8 @@ FAST_TOKENS = 16384
 """Tokens per micro-batch on the fast path (8 rows of 2048)."""
 SMALL_TOKENS = 8192
 """Tokens per micro-batch on the small path (4 rows of 2048), with the checkpointed layer inputs
-offloaded to CPU memory: 4.1 GiB for Phi-3-mini's shape at 16.6k tokens/s on an H200 (without
-offloading 8192 took 5.4 GiB; 4096 took 4.0 GiB at 13.3k tokens/s)."""
+offloaded to CPU memory: 4.08 GiB for Phi-3-mini's shape at 17.5k tokens/s on an H200 (without
+offloading 8192 took 5.4 GiB; 4096 took 3.95 GiB at 13.3k tokens/s)."""
 SMALL_TOKENS_RESIDENT = 4096
 """Tokens per micro-batch on the small path where nothing is offloaded (under FSDP)."""
 HALF_CHECKPOINT_MIN_GIB = 70.0
