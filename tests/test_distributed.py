@@ -142,3 +142,46 @@ def test_split_batch_keeps_the_global_batch(per_device, accum, processes, expect
         assert split.global_batch == per_device * accum
     else:
         assert "not divisible" in split.describe()
+
+
+SYNC_FREE_WORKER = """
+import json, sys
+from pathlib import Path
+import torch
+from prodtune import distributed, fast
+from test_fast import MAX_LEN, make_trainer
+
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+speed = fast.SpeedPlan("fast", "cpu test", rows=1, max_length=MAX_LEN, checkpoint_every=0, attn_implementation="sdpa")
+rows = {}
+for name, cls in (("trl", None), ("ours", fast.trainer_class(speed))):
+    torch.manual_seed(0)
+    trainer = make_trainer(model_dir, out / name, speed, n_rows=24, cls=cls, max_steps=2, logging_steps=1,
+                           include_num_input_tokens_seen="non_padding", learning_rate=1e-3)
+    trainer.train()
+    rows[name] = [r for r in trainer.state.log_history if "loss" in r]
+if distributed.is_main_process():
+    print("RESULT " + json.dumps({**rows, "processes": distributed.world_size()}))
+"""
+
+
+@pytest.mark.slow  # two processes, two tiny trainings each: ~40 s on 2 cores
+def test_sync_free_trainer_under_two_processes(tiny_model_dir, tmp_path):
+    """The speed paths' trainer gathers its token counts and metrics over the processes as TRL's
+    own trainer does: the same tokens seen, token counts, losses and metrics at every log."""
+    script = tmp_path / "worker.py"
+    script.write_text(SYNC_FREE_WORKER)
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tiny_model_dir), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert rows["processes"] == 2 and len(rows["ours"]) == len(rows["trl"]) == 2
+    for ours, trl in zip(rows["ours"], rows["trl"]):
+        assert ours["num_input_tokens_seen"] == trl["num_input_tokens_seen"] > 0
+        assert ours["num_tokens"] == trl["num_tokens"]
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert ours[key] == pytest.approx(trl[key], rel=1e-5, abs=1e-7), key

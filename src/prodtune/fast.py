@@ -375,7 +375,8 @@ def _sync_free_trainer() -> type:
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if self._metric_sums is not None and self.model.training:
-                sums = self.accelerator.gather_for_metrics(self._metric_sums.unsqueeze(0)).sum(0)
+                # Every process logs at the same step, so this gather meets its peers.
+                sums = self.accelerator.gather(self._metric_sums.unsqueeze(0)).sum(0)
                 valid, entropy, correct, tokens = sums.tolist()
                 self._metric_sums = None
                 self._total_train_tokens += int(tokens) // self._tp_size
