@@ -322,6 +322,22 @@ def test_varlen_attention_does_not_cross_examples(tiny_model_dir):
     assert float((leaky - packed).abs().max()) > 1e-2  # the check above would catch a leak
 
 
+def test_varlen_forward_builds_no_mask(tiny_model_dir, monkeypatch):
+    """transformers builds no mask for varlen attention and so never runs its packed-sequence check
+    (a read of the GPU at the start of every forward)."""
+    from transformers import AutoModelForCausalLM, masking_utils
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("transformers checked for packed sequences")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_check)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    fast.prepare(model, fast.SpeedPlan("fast", "cpu test", rows=1, max_length=64, checkpoint_every=0,
+                                       attn_implementation=fast.VARLEN))
+    with torch.no_grad():
+        assert model(**packed_kwargs([7, 12, 5], model.config.vocab_size)).logits.shape[1] == 24
+
+
 def test_dequantized_layers_share_one_class(tiny_model_dir, tmp_path):
     """Every 4-bit LoRA layer gets the dense forward through one subclass (compiled code sees one
     module type in every decoder layer), still peft's LoRA layer for saving and merging."""

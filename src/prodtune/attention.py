@@ -86,18 +86,15 @@ class OnePaddingSegment:
 
 
 def register_varlen() -> str:
-    """Register `varlen_attention` with transformers' attention interface (and no mask: the
-    example boundaries are the mask); return its name."""
+    """Register `varlen_attention` with transformers' attention interface; return its name.
+
+    No mask function is registered: the example boundaries are the mask, and for an attention
+    implementation without one transformers (>= 4.56) builds no mask and skips its check for packed
+    sequences, which reads the GPU back at the start of every forward."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN, _no_mask)
     return VARLEN
-
-
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
