@@ -286,8 +286,8 @@ def _sync_free_trainer() -> type:
         counts each micro-batch's tokens with `.item()` after its backward, and TRL's compute_loss
         reads entropy, token accuracy and token count with `.item()`s after its forward. Each read
         waits until the GPU has finished all queued work; what follows it (the optimizer's per-tensor
-        launches, callbacks, the next batch) then runs while the GPU idles: ~15% of a fast-path step
-        on an H200 (bench/NOTES.md). Here:
+        launches, callbacks, the next batch) then runs while the GPU idles (with bitsandbytes' syncs,
+        80-100 ms of a ~600 ms fast-path step on an H200; bench/NOTES.md, rounds 3 and 4). Here:
 
         * tokens are counted on the GPU as each batch arrives, before its forward is queued, and come
           back through pinned memory; the count is read after the backward is queued, waiting at
