@@ -7,23 +7,12 @@
 # ../shared/tools/device-wheels.sh, carried beside it):
 #   CONFIGS=fast,small,unsloth-packed BUDGET=540 TESTS=1 [TESTS_K=sync] bash bench/run_device.sh
 set -uo pipefail
-start=$SECONDS
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-WHEELS=${WHEELS:-.whl}
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCH_LOGS=${TORCH_LOGS:-recompiles}
-[[ -d /tmp/site/trl ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "$WHEELS"/*.whl || exit 1
-if [[ -d "$WHEELS-unsloth" && ! -d /tmp/site-unsloth/unsloth ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site-unsloth "$WHEELS-unsloth"/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD/src
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1
 python3 -c 'import torch, transformers, trl, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__, "bnb", bitsandbytes.__version__)'
 shape=${SHAPE:-llama}
-model=/tmp/model-$shape
-[[ -f $model/config.json ]] || python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('$model'), False, '$shape')"
+model=$(model_dir "$shape") || exit 1
 echo "model ready at $((SECONDS - start)) s"
 tests_s=$([[ -n "${TESTS:-}" ]] && echo "${TESTS_TIMEOUT:-120}" || echo 0)
 if [[ -n "${WARM_PAIR:-}" ]]; then

@@ -5,24 +5,16 @@
 # (bench/run_fsdp.sh) is saved to /tmp. Logs end up in $OUT/logs.tgz, the tables are printed last.
 #   CONFIGS=small,small-t4 UNSLOTH=unsloth-packed,unsloth-packed-nockpt WARM_PAIR=1 TESTS=1 bash bench/run_x2.sh
 set -uo pipefail
-start=$SECONDS
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/unsloth"
-WHEELS=${WHEELS:-.whl}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth \
-  "$WHEELS-unsloth"/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src
-python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('/tmp/model-llama'), False, 'llama')"
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+mkdir -p "$OUT/unsloth"
+model=$(model_dir llama) || exit 1
 echo "wheels and model ready at $((SECONDS - start)) s"
 ( CUDA_VISIBLE_DEVICES=1 timeout "${UNSLOTH_BUDGET:-240}" python3 bench/bench_train.py --configs "${UNSLOTH:-unsloth-packed,unsloth-packed-nockpt}" \
-    --model-dir /tmp/model-llama --steps 5 --warmup 2 --timeout 120 --unsloth-site /tmp/site-unsloth \
+    --model-dir "$model" --steps 5 --warmup 2 --timeout 120 --unsloth-site /tmp/site-unsloth \
     --out "$OUT/unsloth" > "$OUT/unsloth/bench.log" 2>&1
   echo "unsloth lane done at $((SECONDS - start)) s"
-  CUDA_VISIBLE_DEVICES=1 python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; from pathlib import Path; from bench_train import make_model_dir; make_model_dir(Path('/tmp/model-phi3-medium'), False, 'phi3-medium')" \
-    > "$OUT/unsloth/medium.log" 2>&1
-  echo "14B model saved at $((SECONDS - start)) s: $(du -sh /tmp/model-phi3-medium | cut -f1)" ) &
+  medium=$(CUDA_VISIBLE_DEVICES=1 model_dir phi3-medium 2> "$OUT/unsloth/medium.log")
+  echo "14B model saved at $((SECONDS - start)) s: $(du -sh "$medium" | cut -f1)" ) &
 lane=$!
 CUDA_VISIBLE_DEVICES=0 WHEELS=$WHEELS BUDGET=$(( ${BUDGET:-480} - (SECONDS - start) )) bash bench/run_device.sh
 wait $lane
