@@ -40,7 +40,6 @@ GPU's one-GPU micro-batch instead. --accelerate-config FILE launches with that a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -58,11 +57,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 DEFAULT_STEP = 16384  # train.step_tokens' default: results at other step sizes are named and grouped apart
 PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this workplace's H100 and H200 (KINDS.md)
-SHAPES = {  # Phi-3-mini-4k's and Phi-3-medium-4k's sizes; N counted from them
-    "llama": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32064),
-    "phi3": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32064),
+PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064)
+SHAPES = {  # Phi-3-mini-4k's and Phi-3-medium-4k's sizes (llama: Phi-3-mini's in Llama's layout); N counted from them
+    "llama": PHI3_MINI,
+    "phi3": PHI3_MINI,
     "phi3-medium": dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
                         num_key_value_heads=10, vocab_size=32064),
 }
@@ -155,32 +154,28 @@ def make_model_dir(folder: Path, tiny: bool, shape: str = "llama") -> Path:
     return folder
 
 
-def pretend_card(cap_gib: float | None, t4: bool) -> Any:
+def pretend_card(cap_gib: float | None, t4: bool) -> None:
     """Make this process run as on a smaller card: its memory capped at `cap_gib` (and the plan chosen
-    for that memory); with `t4`, no bf16 (fp16 compute, as models.compute_dtype picks on a T4). Returns
-    a context in which the card also reports a T4's compute capability (the plan: no flash attention),
-    only while planning: kernels compiled for sm75 would not load on this card."""
-    import contextlib
-    from unittest import mock
-
+    for that memory); with `t4`, no bf16 (fp16 compute, as models.compute_dtype picks on a T4) and a
+    T4's compute capability for the plan (no flash attention). The capability goes to the plan alone
+    (`fast.read_card`): kernels compiled for sm75 would not load on this card."""
     import torch
 
     from prodtune import fast
 
+    real = fast.read_card(0)
     if cap_gib:
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total))
-        fast.card_memory_gib = lambda device=None: cap_gib
-    if not t4:
-        return contextlib.nullcontext()
-    torch.cuda.is_bf16_supported = lambda *a, **k: False
-    return mock.patch.object(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / real.memory_gib))
+    if t4:
+        torch.cuda.is_bf16_supported = lambda *a, **k: False
+    fast.read_card = lambda device=None: fast.Card(cap_gib or real.memory_gib, (7, 5) if t4 else real.capability,
+                                                   real.bf16 and not t4)
 
 
 # ----------------------------------------------------------------------------- one configuration
 
 def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, n_examples: int,
-               scaling: bool = False, per_gpu_batch: bool = False, step_tokens: int = DEFAULT_STEP,
+               per_gpu_batch: bool = False, step_tokens: int = DEFAULT_STEP,
                shape: str = "llama") -> dict | None:
     """Time one prodtune configuration in this process (one rank of several under accelerate
     launch) through the train stage's own plan and trainer; the result on rank 0, None on the others."""
@@ -190,6 +185,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     from prodtune import distributed, models, train
     from prodtune import plan as plan_mod
     from prodtune.config import LoraConfig, ModelConfig, TrainConfig
+    from prodtune.io import read_json
 
     spec = CONFIGS[name]
     processes = distributed.world_size()  # joins the process group under accelerate launch
@@ -199,7 +195,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         print(f"[rank {distributed.process_index()} +{time.perf_counter() - t0:.1f} s] {what}", flush=True)
 
     cuda = torch.cuda.is_available() and not tiny
-    planning = pretend_card(spec.get("cap_gib"), spec.get("t4", False)) if cuda else contextlib.nullcontext()
+    if cuda:
+        pretend_card(spec.get("cap_gib"), spec.get("t4", False))
     if per_gpu_batch:
         step_tokens *= processes  # each GPU keeps the one-GPU micro-batch: N times the tokens per step
     train_cfg = TrainConfig(
@@ -215,12 +212,11 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     lora_cfg = LoraConfig()  # r=32, alpha=64, all-linear
 
     n_examples = n_examples * max(1, step_tokens // DEFAULT_STEP)  # the same number of steps per epoch
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    vocab = read_json(model_dir / "config.json")["vocab_size"]
     scale = 0.25 if tiny else 1.0
     data = Dataset.from_list(synthetic_examples(n_examples, vocab, scale))
     probe = synthetic_examples(8, vocab, scale, seed=1)
-    with planning:
-        plan = plan_mod.make_plan(train_cfg, model_cfg, example_tokens=plan_mod.mean_example_tokens(data, None, train_cfg.max_length))
+    plan = plan_mod.make_plan(train_cfg, model_cfg, example_tokens=plan_mod.mean_example_tokens(data, None, train_cfg.max_length))
     if tiny and plan.speed == "plain" and train_cfg.speed != "plain":
         # No speed path on a CPU: exercise its components (packing, varlen attention's CPU reference,
         # dequantize-once) in fp32, 2 rows per micro-batch, the step shared by the processes.
@@ -323,10 +319,11 @@ def result_row(name: str, plan: str, prepared: dict, clock: Any, warmup: int, st
 
     from prodtune import distributed
 
-    marks = [s for s, _ in clock.steps]
+    measured = clock.steps  # waits for the GPU to pass every step's end
+    marks = [s for s, _ in measured]
     n_steps = warmup + steps
     timed = sum(marks[warmup:n_steps])
-    tokens, trained = sum(t for _, t in clock.steps[warmup:n_steps]), sum(t for _, t in clock.steps[:n_steps])
+    tokens, trained = sum(t for _, t in measured[warmup:n_steps]), sum(t for _, t in measured[:n_steps])
     peaks = distributed.gather((round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                 round(torch.cuda.max_memory_reserved() / 2**30, 2)) if cuda else (None, None))
     if not distributed.is_main_process():
@@ -534,7 +531,7 @@ def run_scaling(a: argparse.Namespace, name: str, model_dir: Path, header: dict,
         else:
             cmd = launch_command(n, a.tiny, a.accelerate_config) + [
                 __file__, "--worker", name, "--model-dir", str(model_dir), "--warmup", str(warmup),
-                "--steps", str(steps), "--examples", str(n_examples), "--scaling"]
+                "--steps", str(steps), "--examples", str(n_examples)]
             cmd += ["--tiny"] if a.tiny else []
             cmd += ["--per-gpu-batch"] if per_gpu else []
             cmd += ["--step-tokens", str(a.step_tokens), "--shape", a.shape]
@@ -668,7 +665,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--summarize", default=None, metavar="DIR", help="print the scaling-*.json of DIR as one table")
     ap.add_argument("--model-dir", default=None, help="an existing model folder (default: a new random one)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--scaling", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     started = time.time()
     if a.summarize:
@@ -687,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
 
             result = run_unsloth(a.worker, CONFIGS[a.worker]["unsloth"], Path(a.model_dir), warmup, steps, n_examples)
         else:
-            result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples, scaling=a.scaling,
+            result = run_config(a.worker, Path(a.model_dir), a.tiny, warmup, steps, n_examples,
                                 per_gpu_batch=a.per_gpu_batch, step_tokens=a.step_tokens, shape=a.shape)
         if result is not None:  # rank 0
             print("RESULT " + json.dumps(result), flush=True)
