@@ -43,7 +43,7 @@ bench/NOTES.md has the measurements. prodtune.plan and train.py use it as:
     args = SFTConfig(..., **fast.sft_overrides(speed))         # train.sft_config
     trainer = SFTTrainer(...)
     trainer = fast.trainer_class(speed)(...)                   # train.build_trainer
-    fast.prepare(trainer.model, speed, compile_cache, longest)
+    fast.prepare_trainer(trainer, speed, compile_cache)
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any, card: Card
         rows = max(1, FAST_TOKENS // max_length) if varlen else 1
         ckpt = 0 if gib >= NO_CHECKPOINT_MIN_GIB else 2 if gib >= HALF_CHECKPOINT_MIN_GIB else 1
         p = SpeedPlan("fast", reason, rows=rows, max_length=max_length, checkpoint_every=ckpt,
-                      compile=True, dequantize_once=model_cfg.load_in_4bit, attn_implementation=attn,
+                      compile=not sharded, dequantize_once=model_cfg.load_in_4bit, attn_implementation=attn,
                       bf16_frozen=bf16)
     else:
         # Compiled too (4-bit matmuls and all, one graph for every layer) and offloading, except on
@@ -217,8 +217,6 @@ def plan(train_cfg: TrainConfig, model_cfg: ModelConfig, device: Any, card: Card
         p = SpeedPlan("small", reason, rows=rows, max_length=max_length, checkpoint_every=1,
                       compile=fitted, dequantize_once=False, attn_implementation=attn, bf16_frozen=bf16,
                       offload=fitted)
-    if sharded:
-        p = replace(p, compile=False)
     if train_cfg.gradient_checkpointing is True:
         p = replace(p, checkpoint_every=1)
     elif train_cfg.gradient_checkpointing is False:
@@ -452,6 +450,16 @@ def longest_example(*datasets: Any) -> int | None:
 
 # ----------------------------------------------------------------------------- model surgery
 
+def prepare_trainer(trainer: Any, speed: SpeedPlan, compile_cache: str | Path | None = None) -> dict[str, Any]:
+    """`prepare` for a built SFTTrainer's model; with varlen attention, sized to the longest example
+    of its datasets and with each micro-batch's padding joined into one segment (its collator)."""
+    longest = None
+    if speed.attn_implementation == VARLEN:
+        longest = longest_example(trainer.train_dataset, trainer.eval_dataset)
+        trainer.data_collator = OnePaddingSegment(trainer.data_collator)
+    return prepare(trainer.model, speed, compile_cache, longest)
+
+
 def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = None,
             longest: int | None = None) -> dict[str, Any]:
     """Apply the plan to the (PEFT-wrapped) model, after SFTTrainer is built and before train().
@@ -511,16 +519,11 @@ def _lora_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-_DENSE: dict[type, type] = {}
-
-
+@functools.cache
 def _dense_class(cls: type) -> type:
     """`cls` (peft's LoRA layer over a 4-bit weight) with the dense forward: one class for every
     such layer, so compiled code sees the same module type in every decoder layer."""
-    if cls not in _DENSE:
-        _DENSE[cls] = type(f"Dense{cls.__name__}", (cls,), {"forward": _lora_forward_dense,
-                                                            "prodtune_base_class": cls})
-    return _DENSE[cls]
+    return type(f"Dense{cls.__name__}", (cls,), {"forward": _lora_forward_dense, "prodtune_base_class": cls})
 
 
 def dequantize_once(model: Any) -> int:

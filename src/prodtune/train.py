@@ -121,11 +121,7 @@ def build_trainer(model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, lora_
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     # The speed paths: bf16 frozen weights, varlen attention, dequantize-once, the compiled decoder block.
-    longest = None
-    if plan.speed_plan.attn_implementation == fast.VARLEN:
-        longest = fast.longest_example(trainer.train_dataset, trainer.eval_dataset)
-        trainer.data_collator = fast.OnePaddingSegment(trainer.data_collator)
-    trainer.prodtune_speed = fast.prepare(trainer.model, plan.speed_plan, plan.compile_cache, longest)
+    trainer.prodtune_speed = fast.prepare_trainer(trainer, plan.speed_plan, plan.compile_cache)
     return trainer
 
 
