@@ -19,3 +19,29 @@ def test_excerpt_takes_any_value_and_can_fold_lines():
     assert excerpt(text, 100) == text  # kept as it is unless asked
     assert excerpt(text, 100, one_line=True) == "A line and another"
     assert excerpt(text, 10, one_line=True) == "A line an…"
+
+
+def test_atomic_dir_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+
+    from prodtune.io import atomic_dir
+
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "model.gguf").write_text("finished")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new folder's move into place
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(target) as tmp:
+            (tmp / "model.gguf").write_text("new")
+    assert (target / "model.gguf").read_text() == "finished"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -27,7 +27,7 @@ from prodtune.card import base_model_id, write_card
 from prodtune.config import GGUF_CONVERTER_TYPES, Config, EvalConfig, ModelConfig, export_format_problems
 from prodtune.errors import UserError
 from prodtune.generate import stop_token_ids
-from prodtune.io import COMPARE_MODELS, RunPaths, atomic_dir, atomic_path, read_json, write_json
+from prodtune.io import COMPARE_MODELS, RunPaths, atomic_dir, atomic_path, folder_files, read_json, write_json
 from prodtune.modelfile import write_modelfile
 
 # Files a tokenizer was built from that transformers >= 5 no longer writes back with save_pretrained,
@@ -162,8 +162,7 @@ def gguf_types(formats: list[str]) -> list[str]:
 
 def _files(folder: Path) -> dict[str, int]:
     """Every file under `folder` (relative name -> bytes), hidden ones left out."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return {name: p.stat().st_size for name, p in folder_files(folder).items()}
 
 
 def _mib(size: int) -> str:
@@ -204,22 +203,20 @@ def export_stage(cfg: Config) -> dict[str, Any]:
             print(f"export: merging {paths.adapter} into {cfg.model.name_or_path} on {device}", flush=True)
             merge_adapter(cfg.model, paths.adapter, merged, device, cfg.eval)
             seconds["merged"] = round(time.time() - clock, 1)
-        name = f"{base_model_id(cfg).split('/')[-1]}-{cfg.run_name}"
+        name = f"{base_model_id(cfg).split('/')[-1]}-{cfg.run_name}" if types else ""
         f16 = tmp / paths.gguf(cfg.run_name, "f16").name if "f16" in types else tmp / ".f16.gguf"
-        for t in types:  # converter types first: a K-quant is made from the F16 file
+        # Converter types first (a stable sort): a K-quant is made from the F16 file.
+        for t in sorted(types, key=lambda t: t not in GGUF_CONVERTER_TYPES):
+            clock = time.time()
             if t in GGUF_CONVERTER_TYPES:
-                clock = time.time()
                 print(f"export: GGUF {t} (llama.cpp's converter)", flush=True)
                 convert_to_gguf(merged, tmp / paths.gguf(cfg.run_name, t).name, t, name)
-                seconds[f"gguf-{t}"] = round(time.time() - clock, 1)
-        for t in types:
-            if t not in GGUF_CONVERTER_TYPES:
-                clock = time.time()
+            else:
                 if not f16.exists():
                     convert_to_gguf(merged, f16, "f16", name)
                 print(f"export: GGUF {t} (llama.cpp's quantizer)", flush=True)
                 quantize_gguf(f16, tmp / paths.gguf(cfg.run_name, t).name, t)
-                seconds[f"gguf-{t}"] = round(time.time() - clock, 1)
+            seconds[f"gguf-{t}"] = round(time.time() - clock, 1)
         shutil.rmtree(tmp / ".merged", ignore_errors=True)  # scratch: the merge and F16 only GGUFs needed
         (tmp / ".f16.gguf").unlink(missing_ok=True)
         if "modelfile" in formats:

@@ -56,13 +56,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the finished folder goes back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """Every file under `folder` by its name relative to it, sorted; hidden files and folders
+    (temporary and scratch ones) left out."""
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

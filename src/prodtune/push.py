@@ -18,19 +18,11 @@ from prodtune import models
 from prodtune.card import HUB_ID, WHAT, base_model_id, card_text
 from prodtune.config import load_run_config
 from prodtune.errors import UserError
-from prodtune.io import RunPaths, read_json
+from prodtune.export import shipped_model
+from prodtune.io import RunPaths, folder_files, read_json
 
 PUSH_WHAT = WHAT[1:]
 """What one push uploads: adapter (train/adapter), merged (export/merged) or gguf (export/*.gguf + Modelfile)."""
-
-
-def _hidden(path: Path, folder: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(folder).parts)
-
-
-def _folder_files(folder: Path, prefix: str = "") -> dict[str, Path]:
-    return {prefix + str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and not _hidden(p, folder)}
 
 
 def upload_plan(run_dir: str | Path, repo: str, what: str = "adapter") -> dict[str, Path | bytes]:
@@ -41,17 +33,16 @@ def upload_plan(run_dir: str | Path, repo: str, what: str = "adapter") -> dict[s
     cfg = load_run_config(run_dir)
     files: dict[str, Path | bytes] = {}
     if what == "adapter":
-        files.update(_folder_files(models.require_adapter(paths.adapter)))
+        files.update(folder_files(models.require_adapter(paths.adapter)))
         # peft records where the base was loaded from; a local folder means nothing on the Hub.
         config = read_json(paths.adapter / "adapter_config.json")
         config["base_model_name_or_path"] = base_model_id(cfg)
         files["adapter_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     elif what == "merged":
-        if not (paths.merged / "config.json").is_file():
-            raise UserError(f"no merged model in '{paths.merged}': run prodtune export with merged in export.formats")
-        files.update(_folder_files(paths.merged))
+        files.update(folder_files(shipped_model(paths, "merged", cfg.run_name)))
     else:
-        ggufs = sorted(paths.export.glob("*.gguf")) if paths.export.is_dir() else []
+        ggufs = sorted(p for p in paths.export.glob("*.gguf") if not p.name.startswith(".")) \
+            if paths.export.is_dir() else []
         if not ggufs:
             raise UserError(f"no GGUF file in '{paths.export}': run prodtune export with e.g. gguf-q8_0 in export.formats")
         files.update({p.name: p for p in ggufs})
@@ -59,7 +50,7 @@ def upload_plan(run_dir: str | Path, repo: str, what: str = "adapter") -> dict[s
             files["Modelfile"] = paths.modelfile
     if paths.loss_png.is_file():
         files["loss.png"] = paths.loss_png
-    sizes = {name: len(src) if isinstance(src, bytes) else src.stat().st_size for name, src in files.items()}
+    sizes = {name: _size(src) for name, src in files.items()}
     sizes["README.md"] = 0
     files["README.md"] = card_text(cfg, paths, sizes, what=what, repo=repo).encode("utf-8")
     return dict(sorted(files.items()))
