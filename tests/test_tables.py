@@ -319,3 +319,19 @@ def test_make_fixtures_rebuilds_the_committed_files(tmp_path, monkeypatch):
     for name in ("products.parquet", "dirty_products.parquet"):
         assert pq.read_table(tmp_path / name).equals(pq.read_table(FIXTURES / name)), name
     assert len(list(make_rows(1))) == 1  # the generator the large-table tests use
+
+
+def test_an_empty_uid_is_its_line_on_the_fast_and_the_slow_path(tmp_path, monkeypatch):
+    """A JSON-lines record with an empty uid gets its line's uid whichever parser reads its chunk."""
+    import prodtune.rawdata as rawdata
+
+    raw = tmp_path / "shop.jsonl"
+    raw.write_text("".join(json.dumps({"sku": "" if i == 1 else f"S{i}", "name": f"Item {i}",
+                                       "text": f"Description of item {i}, a fine thing."}) + "\n" for i in range(6)),
+                   encoding="utf-8")
+    kw = dict(title_field="name", content_field="text", id_field="sku")
+    _, fast = run(tmp_path, raw, **kw)
+    monkeypatch.setattr(rawdata, "_parse_arrow", lambda chunk, drop_empty: None)
+    _, slow = run(tmp_path, raw, **kw)
+    assert fast == slow
+    assert [r["uid"] for r in fast][:3] == ["S0", "line2", "S2"]

@@ -105,6 +105,11 @@ class Input:
     unit: str = "B"
 
 
+def uid_or(value: Any, default: str) -> str:
+    """A record's uid as text, or `default` (the line or row it came from) when it has none or an empty one."""
+    return default if value is None or value == "" else str(value)
+
+
 def lone_surrogate(value: str) -> bool:
     """True when a string holds a lone surrogate (an invalid unicode escape), which UTF-8 cannot encode."""
     if value.isascii():
@@ -130,7 +135,7 @@ def add_conversation(rows: Rows, where: str, line: int, obj: dict, key: str, uid
             text = json.dumps(value, ensure_ascii=True, default=str)
             rows.bad.append((line, f"{where}: '{key}' {why}; skipped", excerpt(text)))
             return
-    rows.uids.append(uid_default if uid is None or uid == "" else str(uid))
+    rows.uids.append(uid_or(uid, uid_default))
     rows.lines.append(line)
     rows.messages.append(messages)  # type: ignore[union-attr]
     rows.titles.append(first_question(messages) if messages else None)

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from prodtune import chunks, tables
 from prodtune.chunks import (N_EMPTY_EXAMPLES, STREAM_ERRORS, Chunk, Input, Rows, add_conversation,
-                             lone_surrogate)
+                             lone_surrogate, uid_or)
 from prodtune.columns import TRN_JSON, Mapping, context_text, resolve_mapping
 from prodtune.config import DataConfig
 from prodtune.errors import UserError
@@ -291,7 +291,7 @@ def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: boo
             rows.notes.append((line, f"{where}: {what}; {'dropped' if drop_missing else 'kept as text'}"))
         values.append(value)
     uid = obj.get(m.uid) if m.uid else None
-    rows.uids.append(uid_default if uid is None or uid == "" else str(uid))
+    rows.uids.append(uid_or(uid, uid_default))
     rows.titles.append(values[0])
     rows.contents.append(values[1])
     rows.lines.append(line)
@@ -320,8 +320,11 @@ def _parse_arrow(chunk: Chunk, drop_empty: bool) -> Rows | None:
                                                            unexpected_field_behavior="ignore"))
     except (pa.ArrowException, ValueError):  # bad JSON, a wrong type, bytes that are not UTF-8
         return None
-    # Blank lines or nulls: the line-by-line parse gives exact line numbers and messages.
+    # Blank lines or nulls: the line-by-line parse gives exact line numbers and messages; an empty
+    # uid gets its line's, as there.
     if table.num_rows != chunk.n_lines or any(table.column(k).null_count for k in keys):
+        return None
+    if m.uid and pc.any(pc.equal(table.column(m.uid), "")).as_py():
         return None
     n = table.num_rows
     rows = Rows(read=n, checked=True)

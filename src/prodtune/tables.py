@@ -409,8 +409,7 @@ def table_rows(chunk: Chunk, drop_missing: bool) -> Rows:
         n = table.num_rows
     if m.uid:
         uid_col = table.column(m.uid)
-        uids = [None if u is None or u == "" else str(u) for u in uid_col.to_pylist()]
-        uids = [u if u is not None else f"row{k}" for u, k in zip(uids, numbers.tolist())]
+        uids = [chunks.uid_or(u, f"row{k}") for u, k in zip(uid_col.to_pylist(), numbers.tolist())]
     else:
         uids = [f"row{k}" for k in numbers.tolist()]
     if m.chat:
