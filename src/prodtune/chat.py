@@ -24,7 +24,8 @@ TITLE_CHARS = 100
 """A chat row's 'title' in the splits and the comparison: the first user message cut to this."""
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, for messages ("a number", "null", ...)."""
     return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
             dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
 
@@ -47,11 +48,11 @@ def parse_conversation(value: Any) -> tuple[list[dict[str, str]] | None, str]:
         except ValueError:
             return None, "is text, not a list of messages (nor JSON of one)"
     if not isinstance(value, list):
-        return None, f"is {_kind(value)}, not a list of messages"
+        return None, f"is {json_kind(value)}, not a list of messages"
     messages = []
     for i, message in enumerate(value, 1):
         if not isinstance(message, dict):
-            return None, f"message {i} is {_kind(message)}, not an object with role and content"
+            return None, f"message {i} is {json_kind(message)}, not an object with role and content"
         role = message.get("role", message.get("from"))
         known = ROLES.get(role.strip().lower()) if isinstance(role, str) else None
         if known is None:
@@ -60,7 +61,7 @@ def parse_conversation(value: Any) -> tuple[list[dict[str, str]] | None, str]:
         content = message["content"] if "content" in message else message.get("value")
         text = _text(content)
         if text is None:
-            return None, f"message {i} ({known}) has {_kind(content)} content, not text"
+            return None, f"message {i} ({known}) has {json_kind(content)} content, not text"
         messages.append({"role": known, "content": text})
     return messages, ""
 

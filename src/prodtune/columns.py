@@ -57,9 +57,6 @@ class Mapping:
                 "context": list(self.context), "chat": self.chat}
 
 
-TRN_JSON = Mapping("title", "content", "uid")
-
-
 def _shape(cols: list[str] | None) -> str:
     """The known shape the columns have: 'trn.json' (also when unknown), 'alpaca', a conversation
     column's name, or '' for none of them."""

@@ -32,7 +32,8 @@ import pyarrow as pa
 from prodtune import chunks, tables
 from prodtune.chunks import (N_EMPTY_EXAMPLES, STREAM_ERRORS, Chunk, Input, Rows, add_conversation,
                              lone_surrogate, uid_or)
-from prodtune.columns import TRN_JSON, Mapping, context_text, resolve_mapping
+from prodtune.chat import json_kind
+from prodtune.columns import Mapping, context_text, resolve_mapping
 from prodtune.config import DataConfig
 from prodtune.errors import UserError
 from prodtune.io import excerpt
@@ -127,7 +128,7 @@ def _nth_newline_end(block: bytes, start: int, k: int) -> int:
     return start
 
 
-def read_chunks(path: Path, chunk_rows: int, mapping: Mapping = TRN_JSON) -> Iterator[Chunk]:
+def read_chunks(path: Path, chunk_rows: int, mapping: Mapping) -> Iterator[Chunk]:
     """Stream a JSON-lines file (plain or gzip) as chunks of chunk_rows records.
 
     This runs in the one process that feeds every worker, so it reads big blocks and counts lines
@@ -259,20 +260,13 @@ def _array_elements(path: Path, stream: Any, chunk_rows: int, raw: Any, mapping:
                     position=raw.tell(), tail_problem=tail)
 
 
-
-
 # ----------------------------------------------------------------------------- parsing a chunk
-
-def _kind(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
 
 def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: bool, uid_default: str) -> None:
     """Append one decoded record, or record why it cannot be used (naming the file and line)."""
     where = f"{chunk.name} {chunk.unit} {line}"
     if not isinstance(obj, dict):
-        rows.bad.append((line, f"{where}: not a JSON object ({_kind(obj)}); skipped", excerpt(str(obj))))
+        rows.bad.append((line, f"{where}: not a JSON object ({json_kind(obj)}); skipped", excerpt(str(obj))))
         return
     m = chunk.mapping
     if m.chat:
@@ -287,7 +281,7 @@ def _add_object(rows: Rows, chunk: Chunk, line: int, obj: Any, drop_missing: boo
                                        "surrogate); skipped", excerpt(ascii(value))))
                 return
         else:
-            what = f"no '{key}' field" if key not in obj else f"'{key}' is {_kind(value)}, not a string"
+            what = f"no '{key}' field" if key not in obj else f"'{key}' is {json_kind(value)}, not a string"
             rows.notes.append((line, f"{where}: {what}; {'dropped' if drop_missing else 'kept as text'}"))
         values.append(value)
     uid = obj.get(m.uid) if m.uid else None

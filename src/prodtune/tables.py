@@ -344,8 +344,8 @@ def hub_input(data: DataConfig) -> Input:
         raise fail(e) from None
     mapping = resolve_mapping(data, list(first) if isinstance(first, dict) else None, spec)
     described = f"Hugging Face dataset {ds_id}" + (f" ({config})" if config else "") + f", split {split}"
-    chunks = _hub_chunks(spec, first, it, data.chunk_rows, mapping, fail)
-    return Input(chunks, mapping, "hub", described, None, None, " rows")
+    stream = _hub_chunks(spec, first, it, data.chunk_rows, mapping, fail)
+    return Input(stream, mapping, "hub", described, None, None, " rows")
 
 
 def _hub_chunks(spec: str, first: Any, it: Iterator[Any], chunk_rows: int, mapping: Mapping,
