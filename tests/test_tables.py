@@ -335,3 +335,20 @@ def test_an_empty_uid_is_its_line_on_the_fast_and_the_slow_path(tmp_path, monkey
     _, slow = run(tmp_path, raw, **kw)
     assert fast == slow
     assert [r["uid"] for r in fast][:3] == ["S0", "line2", "S2"]
+
+
+@pytest.mark.parametrize("name, text", [("shop.csv", "name,text\nA,B\n"), ("shop.jsonl", '{"title": "A", "content": "B"}\n')])
+def test_an_unreadable_input_is_named_with_the_fix(tmp_path, monkeypatch, name, text):
+    """The format is sniffed from the file's first bytes; a file that cannot be opened gets the one
+    message that names it and the fix, whatever its format."""
+    from prodtune import chunks
+
+    raw = tmp_path / name
+    raw.write_text(text, encoding="utf-8")
+
+    def refuse(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(chunks, "open", refuse, raising=False)
+    with pytest.raises(UserError, match=r"cannot read it \(Permission denied\); check the path and permissions"):
+        run(tmp_path, raw)

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from prodtune.chat import first_question, last_answer, parse_conversation
 from prodtune.columns import Mapping
+from prodtune.errors import UserError
 from prodtune.io import excerpt
 
 ARROW_THREADS = True
@@ -103,6 +104,15 @@ class Input:
     total: int | None
     """Progress bar total in `unit`."""
     unit: str = "B"
+
+
+def open_raw(path: Any) -> Any:
+    """The input file, opened for reading bytes; a UserError naming it and the fix when it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(f"data.raw_path '{path}': cannot read it ({e.strerror}); check the path "
+                        "and permissions") from None
 
 
 def uid_or(value: Any, default: str) -> str:

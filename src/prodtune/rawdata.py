@@ -78,11 +78,7 @@ def open_input(data: DataConfig) -> Input:
 
 def _open(path: Path) -> tuple[Any, Any]:
     """(raw file, decompressed stream); gzip is recognised by its magic bytes, not the suffix."""
-    try:
-        raw = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"data.raw_path '{path}': cannot read it ({e.strerror}); check the path "
-                        "and permissions") from None
+    raw = chunks.open_raw(path)
     if raw.peek(2)[:2] == b"\x1f\x8b":
         return raw, gzip.GzipFile(fileobj=raw, mode="rb")
     return raw, raw

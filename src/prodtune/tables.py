@@ -56,15 +56,15 @@ def _content_kind(head: bytes) -> str:
 
 def _head(path: Path) -> tuple[bytes, bool]:
     """The first bytes of the file, decompressed when it is gzip, and whether it is."""
-    with open(path, "rb") as f:
+    with chunks.open_raw(path) as f:
         head = f.read(_HEAD)
-    if not head.startswith(b"\x1f\x8b"):
-        return head, False
-    try:
-        with gzip.open(path, "rb") as g:
-            return g.read1(_HEAD), True
-    except chunks.STREAM_ERRORS:  # a corrupt stream: the reader names where it breaks
-        return b"", True
+        if not head.startswith(b"\x1f\x8b"):
+            return head, False
+        f.seek(0)
+        try:
+            return gzip.GzipFile(fileobj=f, mode="rb").read1(_HEAD), True
+        except chunks.STREAM_ERRORS:  # a corrupt stream: the reader names where it breaks
+            return b"", True
 
 
 def detect_format(path: Path) -> str:
@@ -151,7 +151,7 @@ class _EndAtBreak(io.RawIOBase):
 
 def _open_text(path: Path, gz: bool) -> tuple[Any, Any, _EndAtBreak | None]:
     """(raw file, what pyarrow reads, the break-catching stream when gzip)."""
-    raw = open(path, "rb")
+    raw = chunks.open_raw(path)
     if not gz:
         return raw, raw, None
     safe = _EndAtBreak(gzip.GzipFile(fileobj=raw, mode="rb"))
