@@ -265,7 +265,8 @@ def _cap(res: ChunkResult, max_chars: int, drop: np.ndarray, clen: np.ndarray, c
          context: dict[str, list[str | None]], chat: list[list[dict[str, str]]] | None,
          lines: list[int], uids: list[str]) -> None:
     """Cut the descriptions (a conversation's last answer) and context values over max_chars."""
-    for i in np.flatnonzero(~drop & (clen > max_chars)).tolist():
+    long_contents = np.flatnonzero(~drop & (clen > max_chars)).tolist()
+    for i in long_contents:
         capped = contents[i] = cap_text(contents[i], max_chars)
         if chat is not None:
             chat[i][last_answer(chat[i])]["content"] = capped  # type: ignore[index]
@@ -278,7 +279,7 @@ def _cap(res: ChunkResult, max_chars: int, drop: np.ndarray, clen: np.ndarray, c
             if v is not None and len(v) > max_chars and not drop[i]:
                 values[i] = cap_text(v, max_chars)
                 capped_rows.add(i)
-    res.changed["capped"] += len(capped_rows - set(np.flatnonzero(~drop & (clen > max_chars)).tolist()))
+    res.changed["capped"] += len(capped_rows - set(long_contents))
 
 
 def clean_schema(mapping: Mapping) -> pa.Schema:

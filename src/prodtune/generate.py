@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prodtune.config import Config, EvalConfig, ModelConfig
+from prodtune.config import Config, EvalConfig, ModelConfig, load_run_config
 from prodtune.errors import UserError
+from prodtune.io import RunPaths
 
 # Tokens that end an assistant turn in common chat templates. generation_config.eos_token_id
 # often lists only <|endoftext|>; without these a chat model talks past the end of its turn.
@@ -229,9 +230,6 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], ev
 def load_run(run_dir: str | Path, adapter: bool = True) -> tuple[Config, Any, Any]:
     """A finished run's config, its base model (with the trained adapter unless adapter=False)
     and tokenizer, for asking questions by hand."""
-    from prodtune.config import load_run_config
-    from prodtune.io import RunPaths
-
     cfg = load_run_config(run_dir)
     model, tokenizer = load_model(cfg.model, RunPaths(run_dir).adapter if adapter else None)
     return cfg, model, tokenizer
@@ -249,7 +247,6 @@ def answer(model: Any, tokenizer: Any, cfg: Config, question: str, max_new_token
     prompt is built as training built it (prompts.ask_prompt), from the run in run_dir."""
     from dataclasses import replace
 
-    from prodtune.io import RunPaths
     from prodtune.prompts import ask_prompt
 
     _check_question(question)

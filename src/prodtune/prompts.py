@@ -136,7 +136,12 @@ def assign_splits(titles: Sequence[str], val_fraction: float, test_fraction: flo
     the seed: test is [0, test), validation [test, test+val), train the rest. With >= 3 keys, a split
     with a fraction > 0 that the hash left empty gets the key nearest its range from the biggest split.
     """
-    keys = [normalize_title(t) for t in titles]
+    return _assign_keys([normalize_title(t) for t in titles], val_fraction, test_fraction, seed)
+
+
+def _assign_keys(keys: list[str], val_fraction: float, test_fraction: float,
+                 seed: int) -> tuple[list[str], list[str]]:
+    """assign_splits for titles already normalised (one key per row)."""
     bounds = {"test": (0.0, test_fraction),
               "validation": (test_fraction, test_fraction + val_fraction),
               "train": (test_fraction + val_fraction, 1.0)}
@@ -246,11 +251,12 @@ def format_rows(rows: list[dict[str, Any]], data: DataConfig,
     (a conversation's first user message).
     """
     picks = pick_templates(len(rows), len(data.question_templates), data.seed)
-    splits, moves = assign_splits([r["title"] for r in rows], data.val_fraction, data.test_fraction, data.seed)
+    title_keys = [normalize_title(r["title"]) for r in rows]
+    splits, moves = _assign_keys(title_keys, data.val_fraction, data.test_fraction, data.seed)
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     keys: dict[str, set[str]] = {s: set() for s in SPLITS}
     used: Counter = Counter()
-    for row, pick, split in zip(rows, picks, splits):
+    for row, pick, split, key in zip(rows, picks, splits, title_keys):
         if row.get("messages"):
             prompt, completion = split_conversation(row["messages"], data.system_prompt)
             title = excerpt(row["title"], TITLE_CHARS)
@@ -260,7 +266,7 @@ def format_rows(rows: list[dict[str, Any]], data: DataConfig,
             prompt = build_prompt(question, data.system_prompt, {name: row.get(name) for name in context})
             completion, title = [{"role": "assistant", "content": row["content"]}], row["title"]
         out[split].append({"prompt": prompt, "completion": completion, "title": title, "uid": row["uid"]})
-        keys[split].add(normalize_title(row["title"]))
+        keys[split].add(key)
     templates = {t: used[i] for i, t in enumerate(data.question_templates)}
     return out, {"template_usage": templates, "split_moves": moves, "split_keys": keys}
 
@@ -337,9 +343,8 @@ def format_stage(cfg: Config) -> dict[str, Any]:
         "target_fractions": {"validation": data.val_fraction, "test": data.test_fraction},
         "splits": _split_facts(out, facts["split_keys"]),
         "split_moves": facts["split_moves"],
-        "context_fields": {name: {"rows": sum(bool(r.get(name)) for r in rows),
-                                  "share": round(sum(bool(r.get(name)) for r in rows) / max(len(rows), 1), 4)}
-                           for name in context},
+        "context_fields": {name: {"rows": n, "share": round(n / max(len(rows), 1), 4)}
+                           for name, n in ((name, sum(bool(r.get(name)) for r in rows)) for name in context)},
         "template_usage": facts["template_usage"],
         "system_prompt": data.system_prompt,
         "lengths": _length_report(out, cfg),

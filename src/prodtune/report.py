@@ -52,7 +52,8 @@ def render_markdown(metrics: dict[str, Any], table: Any, info: dict[str, Any]) -
              "| metric | base | tuned | tuned − base | |", "|---|---|---|---|---|"]
     for name in metrics["base"]:
         diff = metrics["diff"][name]
-        mark = {"better": "✅ better", "worse": "❌ worse", "same": ""}.get(verdict(name, diff), verdict(name, diff))
+        said = verdict(name, diff)
+        mark = {"better": "✅ better", "worse": "❌ worse", "same": ""}.get(said, said)
         lines.append(f"| {name} | {fmt_interval(metrics['base'][name])} | {fmt_interval(metrics['tuned'][name])} "
                      f"| {fmt_interval(diff, signed=True)} | {mark} |")
     lines += ["", "Metrics: " + "; ".join(f"**{k}**: {v}" for k, v in METRICS.items() if k in metrics["base"]) + ".",
