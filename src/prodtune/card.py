@@ -165,8 +165,9 @@ def _prompt_example(cfg: Config, paths: RunPaths) -> str:
 # ----------------------------------------------------------------------------- the card
 
 def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "export",
-              repo: str | None = None) -> str:
-    """The model card for `what` (the export folder, or a Hub upload of adapter, merged or gguf files)."""
+              repo: str | None = None, example: str | None = None) -> str:
+    """The model card for `what` (the export folder, or a Hub upload of adapter, merged or gguf files).
+    `example` is the rendered prompt it shows (made from the adapter's tokenizer when not given)."""
     base = base_model_id(cfg)
     train = read_json(paths.train_report) if paths.train_report.is_file() else {}
     fmt_report = read_json(paths.format_report) if paths.format_report.is_file() else {}
@@ -201,7 +202,7 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
     lines += ["", "## Prompt format", "",
               "The base model's chat template, with this system prompt and a question about one product "
               f"(one of {len(cfg.data.question_templates)} phrasings, e.g. `{cfg.data.question_templates[0]}`):", "",
-              "```text", _prompt_example(cfg, paths).rstrip("\n"), "```"]
+              "```text", (example if example is not None else _prompt_example(cfg, paths)).rstrip("\n"), "```"]
     lines += ["", "## Results on held-out products", ""]
     if metrics:
         lines += [f"Scored by `prodtune compare` on **n = {n} test products whose titles never appeared in training** "
@@ -240,7 +241,7 @@ def card_text(cfg: Config, paths: RunPaths, files: dict[str, int], what: str = "
                               f"{fmt(train.get('final_eval_loss'))}"))
     lines += ["", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in recipe]]
     lines += ["", "## Limitations", "", *_limitations(cfg, metrics, fmt_report)]
-    lines += ["", "## How to run it", "", *_usage(cfg, paths, what, ref, files, ggufs)]
+    lines += ["", "## How to run it", "", *_usage(cfg, paths, what, ref, files, ggufs, base)]
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +275,8 @@ def _limitations(cfg: Config, metrics: dict[str, Any] | None, fmt_report: dict[s
     return out
 
 
-def _usage(cfg: Config, paths: RunPaths, what: str, ref: str, files: dict[str, int], ggufs: list[str]) -> list[str]:
+def _usage(cfg: Config, paths: RunPaths, what: str, ref: str, files: dict[str, int], ggufs: list[str],
+           base: str) -> list[str]:
     system = cfg.data.system_prompt.replace('"', '\\"')
     question = "Describe the product 'Klutz Book of Knots'."
     adapter_ref = ref if what == "adapter" else str(paths.adapter)
@@ -312,7 +314,7 @@ def _usage(cfg: Config, paths: RunPaths, what: str, ref: str, files: dict[str, i
     lines += ["```", "", "### vLLM", "", "```bash"]
     if merged_ref:
         lines.append(f"vllm serve {merged_ref}")
-    lines += [f"vllm serve {base_model_id(cfg)} --enable-lora --lora-modules product-describer={adapter_ref}", "```",
+    lines += [f"vllm serve {base} --enable-lora --lora-modules product-describer={adapter_ref}", "```",
               "", "Then ask through the OpenAI-compatible chat endpoint with the system prompt above."]
     return lines
 
@@ -321,8 +323,9 @@ def write_card(cfg: Config, paths: RunPaths, out: Path, files: dict[str, int]) -
     """export/README.md: the card of the export folder, listing `files` and itself."""
     files = dict(files)
     files[out.name] = 0
-    text = card_text(cfg, paths, files)
+    example = _prompt_example(cfg, paths)
+    text = card_text(cfg, paths, files, example=example)
     # The card lists its own size: render once to know it (the table's digits barely move it).
     files[out.name] = len(text.encode("utf-8"))
-    atomic_write_text(out, card_text(cfg, paths, files))
+    atomic_write_text(out, card_text(cfg, paths, files, example=example))
     return out
