@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -91,6 +92,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # .item()s), attention sized to the 2048-token row, each padding token its own example.
     "fast-before": {"train": {"speed": "auto"}, "before": True},
     "fast-log10": {"train": {"speed": "auto", "logging_steps": 10}},  # a log (a read of the GPU) every 10 steps
+    # The fast path with TRL's LM head as is: labelled positions found by a boolean mask on the GPU.
+    "fast-maskhead": {"train": {"speed": "auto"}, "mask_head": True},
+    # The fast path with flash attention sized to the data's longest example, not each batch's.
+    "fast-databound": {"train": {"speed": "auto"}, "data_bound": True},
+    # Round 4's fast path (both of the above).
+    "fast-r4": {"train": {"speed": "auto"}, "mask_head": True, "data_bound": True},
     "small-before": {"train": {"speed": "small"}, "plan": {"rows": 2, "grad_accum": 4, "offload": False},
                      "before": True},
     "small-flex": {"train": {"speed": "small"}, "plan": {"attn_implementation": "flex_attention", "compile": False}},
@@ -201,7 +208,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
         step_tokens *= processes  # each GPU keeps the one-GPU micro-batch: N times the tokens per step
     train_cfg = TrainConfig(
         max_length=256 if tiny else 2048, device="cuda" if cuda else "cpu", step_tokens=step_tokens,
-        max_steps=warmup + steps + (1 if os.environ.get("BENCH_PROFILE") == name and cuda else 0),
+        max_steps=warmup + steps + (profiled_steps() if os.environ.get("BENCH_PROFILE") == name and cuda else 0),
         logging_steps=1, eval_steps=0, save_steps=10**9, optim="adamw_8bit" if cuda else "adamw_torch")
     train_cfg = dataclasses.replace(train_cfg, **spec.get("train", {}))
     if tiny:
@@ -235,6 +242,14 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
 
     if spec.get("before"):
         use_previous_fast_path()
+    if spec.get("mask_head"):
+        from prodtune import lm_head
+
+        lm_head.select_by_position = lambda *args, **kwargs: False  # TRL's head: a boolean mask read back
+    if spec.get("data_bound"):
+        from prodtune import fast
+
+        fast.steady_kwargs = functools.partial(fast.steady_kwargs, per_batch=False)
     t_load = time.perf_counter()
     tok = models.load_tokenizer(model_cfg, str(model_dir))
     model = models.load_model(model_cfg, plan.device, training=True, path=str(model_dir),
@@ -246,7 +261,7 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     trainer = train.build_trainer(model, tok, data, None, lora_cfg, train_cfg, plan,
                                   Path(tempfile.mkdtemp(prefix="bench-train-")), callbacks=[clock, losses])
     if os.environ.get("BENCH_PROFILE") == name and cuda:
-        trainer.add_callback(Profiler(warmup + steps))  # one more step, after the timed ones
+        trainer.add_callback(Profiler(warmup + steps, profiled_steps()))  # more steps, after the timed ones
     mark("trainer ready")
     probe_start = time.perf_counter()
     probe_loss = probe_batch_loss(trainer, trainer.data_collator, probe, cuda)
@@ -270,14 +285,15 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
 
 def use_previous_fast_path() -> None:
     """Switch this process back to the speed paths as they were before they stopped waiting for the
-    GPU inside a step (for a before/after in one call): TRL's trainer, attention sized to the row,
-    the padding as one-token examples, transformers' NaN filter and blocking batch copies."""
+    GPU inside a step (for a before/after in one call): TRL's trainer and LM head, attention sized to
+    the row, the padding as one-token examples, transformers' NaN filter and blocking batch copies."""
     from trl import SFTTrainer
 
-    from prodtune import fast
+    from prodtune import fast, lm_head
 
     overrides = fast.sft_overrides
     fast.trainer_class = lambda speed: SFTTrainer
+    lm_head.select_by_position = lambda *args, **kwargs: False
     fast.longest_example = lambda *datasets: None
     fast.OnePaddingSegment = lambda collate: collate
     fast.sft_overrides = lambda speed: {k: v for k, v in overrides(speed).items()
@@ -351,9 +367,15 @@ def result_row(name: str, plan: str, prepared: dict, clock: Any, warmup: int, st
     }
 
 
-def Profiler(step: int) -> Any:
-    """A callback that profiles optimizer step `step` (CPU and CUDA), prints the top CUDA kernels and
-    where the GPU waited (`idle_gaps`), and writes the trace to $OUT/trace-step<step>.json.gz."""
+def profiled_steps() -> int:
+    """How many optimizer steps BENCH_PROFILE profiles (BENCH_PROFILE_STEPS, default 1)."""
+    return max(1, int(os.environ.get("BENCH_PROFILE_STEPS", "1")))
+
+
+def Profiler(step: int, count: int = 1) -> Any:
+    """A callback that profiles optimizer steps `step` .. `step + count - 1` (CPU and CUDA, with the
+    logging and batch loading between them), prints the top CUDA kernels and where the GPU waited
+    (`idle_gaps`), and writes the trace to $OUT/trace-step<step>.json.gz."""
     import torch
     from transformers import TrainerCallback
 
@@ -361,14 +383,14 @@ def Profiler(step: int) -> Any:
         prof = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == step:
+            if state.global_step == step and self.prof is None:
                 torch.cuda.synchronize()
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is None:
+            if self.prof is None or state.global_step < step + count:
                 return
             torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)

@@ -20,15 +20,20 @@ FLEX = "prodtune_flex"
 # boundaries (cu_seq_lens_*) are what varlen attention needs; the rest change value or shape with
 # every batch and would make compiled layers recompile, so they are replaced or dropped first.
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+LONGEST = "prodtune_longest"
+"""The keyword argument carrying the micro-batch's longest example as a tensor's length (see steady_kwargs)."""
 
 
-def steady_kwargs(max_length: int, keep_boundaries: bool, longest: int | None = None) -> Any:
+def steady_kwargs(max_length: int, keep_boundaries: bool, longest: int | None = None, per_batch: bool = True) -> Any:
     """A forward pre-hook for the decoder stack: what reaches the layers keeps one type and value
     from batch to batch, so compiled layers do not recompile. With varlen attention the example
-    boundaries stay (their length changes: marked dynamic) and the longest-example bound becomes a
-    constant: `longest` (the data's longest example; the kernel's work grows with it), or the row
-    length `max_length` for a batch whose own longest (TRL's collator gives it) is longer.
-    Otherwise the varlen keyword arguments are dropped."""
+    boundaries stay (their length changes: marked dynamic). So does the micro-batch's longest
+    example, which sizes flash attention's grid (blocks past an example's end still launch: with
+    ~70 examples of ~240 tokens per micro-batch most of the kernel's time went to them). An int would
+    be a constant of the compiled graph (a recompile per value), so it travels as the length of a
+    small CPU tensor (`LONGEST`, a dynamic dimension). The int arguments become a constant: `longest`
+    (the data's longest example), or the row length `max_length` for a batch whose own longest (TRL's
+    collator gives it) is longer. Otherwise the varlen keyword arguments are dropped."""
     import torch
 
     bound = min(longest or max_length, max_length)
@@ -41,6 +46,10 @@ def steady_kwargs(max_length: int, keep_boundaries: bool, longest: int | None = 
             here = kwargs.get("max_length_q")
             fits = isinstance(here, int) and here <= bound
             kwargs["max_length_q"] = kwargs["max_length_k"] = bound if fits else max_length
+            if isinstance(here, int) and per_batch:
+                # >= 2: dynamo specializes lengths 0 and 1
+                kwargs[LONGEST] = torch.empty(max(2, min(here, max_length)), dtype=torch.uint8)
+                torch._dynamo.maybe_mark_dynamic(kwargs[LONGEST], 0)
         else:
             for key in VARLEN_KWARGS:
                 kwargs.pop(key, None)
@@ -110,6 +119,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     import torch
 
     cu = kwargs.get("cu_seq_lens_q")
+    longest = kwargs.pop(LONGEST, None)
     if cu is None or query.shape[0] != 1 or dropout:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -117,7 +127,8 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                       dropout=dropout, **kwargs)
     # [1, heads, tokens, dim] -> [tokens, heads, dim], the layout the kernel reads.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    max_len = int(kwargs.get("max_length_q") or q.shape[0])
+    # The batch's own longest (symbolic inside a compiled layer: no int(), which would fix its value).
+    max_len = longest.shape[0] if longest is not None else int(kwargs.get("max_length_q") or q.shape[0])
     dtype = q.dtype
     if q.is_cuda and dtype not in (torch.float16, torch.bfloat16):  # the kernel's dtypes; fp32 models too
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16

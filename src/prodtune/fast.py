@@ -54,6 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from prodtune import lm_head
 from prodtune.attention import FLEX, VARLEN, OnePaddingSegment, register_flex, register_varlen, steady_kwargs
 from prodtune.config import ModelConfig, TrainConfig
 from prodtune.errors import UserError
@@ -452,12 +453,21 @@ def longest_example(*datasets: Any) -> int | None:
 
 def prepare_trainer(trainer: Any, speed: SpeedPlan, compile_cache: str | Path | None = None) -> dict[str, Any]:
     """`prepare` for a built SFTTrainer's model; with varlen attention, sized to the longest example
-    of its datasets and with each micro-batch's padding joined into one segment (its collator)."""
+    of its datasets and with each micro-batch's padding joined into one segment (its collator). On
+    the speed paths the collator also lists the labelled positions, which the LM head then selects
+    by index instead of reading a boolean mask's size back from the GPU (`lm_head`)."""
     longest = None
     if speed.attn_implementation == VARLEN:
         longest = longest_example(trainer.train_dataset, trainer.eval_dataset)
         trainer.data_collator = OnePaddingSegment(trainer.data_collator)
-    return prepare(trainer.model, speed, compile_cache, longest)
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    by_position = speed.path != "plain" and lm_head.select_by_position(model)
+    if by_position:
+        trainer.data_collator = lm_head.LabelPositions(trainer.data_collator)
+    prepared = prepare(trainer.model, speed, compile_cache, longest)
+    if speed.path != "plain":
+        prepared["lm_head"] = "labelled positions from the collator" if by_position else "TRL's (a boolean mask)"
+    return prepared
 
 
 def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = None,
