@@ -377,12 +377,14 @@ def test_trainer_class_by_path():
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sync_free_trainer_trains_counts_and_logs_like_trl(tiny_model_dir, tmp_path, accum):
-    """The speed paths' trainer (no GPU reads inside a step) against TRL's own: the same losses, the
-    same tokens seen at every step, the same metric names; entropy and token accuracy are the same
-    numbers with one micro-batch per step (token-weighted over the micro-batches otherwise)."""
+    """The speed paths' trainer (no GPU reads inside a step, each log written a step late) against
+    TRL's own: the same log rows (losses, gradient norms, learning rates, steps, epochs, tokens seen,
+    metric names) in the same order, the same tokens seen at every step and the same final training
+    loss; entropy and token accuracy are the same numbers with one micro-batch per step
+    (token-weighted over the micro-batches otherwise)."""
     speed = fast.SpeedPlan("fast", "cpu test", rows=1, max_length=MAX_LEN, grad_accum=accum, checkpoint_every=0,
                            attn_implementation="sdpa")
-    logs, tokens = {}, {}
+    logs, tokens, final = {}, {}, {}
     for name, cls in (("trl", None), ("ours", fast.trainer_class(speed))):
         torch.manual_seed(0)
         trainer = make_trainer(tiny_model_dir, tmp_path / name, speed, n_rows=24, cls=cls, max_steps=3,
@@ -396,18 +398,43 @@ def test_sync_free_trainer_trains_counts_and_logs_like_trl(tiny_model_dir, tmp_p
                 seen.append(state.num_input_tokens_seen)
 
         trainer.add_callback(Seen())
-        trainer.train()
+        final[name] = trainer.train().training_loss
         logs[name] = [row for row in trainer.state.log_history if "loss" in row]
         tokens[name] = seen
     assert tokens["ours"] == tokens["trl"] and tokens["trl"][-1] > 0
     assert [len(logs["ours"]), len(logs["trl"])] == [3, 3]
+    assert final["ours"] == pytest.approx(final["trl"], rel=1e-5)
     for ours, trl in zip(logs["ours"], logs["trl"]):
         assert set(trl) <= set(ours)
+        for key in ("step", "epoch", "learning_rate", "num_input_tokens_seen"):
+            assert ours[key] == trl[key], key
         assert ours["loss"] == pytest.approx(trl["loss"], rel=1e-5)
+        assert ours["grad_norm"] == pytest.approx(trl["grad_norm"], rel=1e-4)
         assert ours["num_tokens"] == trl["num_tokens"] and ours["num_input_tokens_seen"] == trl["num_input_tokens_seen"]
         tol = 1e-5 if accum == 1 else 5e-2
         assert ours["entropy"] == pytest.approx(trl["entropy"], rel=tol)
         assert ours["mean_token_accuracy"] == pytest.approx(trl["mean_token_accuracy"], rel=tol, abs=1e-6)
+
+
+def test_late_logs_keep_their_place_around_evaluation(tiny_model_dir, tmp_path):
+    """Logging every step and evaluating every second one: a late log is written before anything of
+    the next step (its evaluation included), an evaluating step logs at once, no log is lost."""
+    from datasets import Dataset
+
+    speed = cpu_plan(rows=1)
+    history = {}
+    for name, cls in (("trl", None), ("ours", fast.trainer_class(speed))):
+        torch.manual_seed(0)
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, speed, n_rows=24, cls=cls, max_steps=5,
+                               logging_steps=1, learning_rate=1e-3)
+        from transformers.trainer_utils import IntervalStrategy
+
+        trainer.eval_dataset = Dataset.from_dict(trainer.train_dataset[:2])  # tokenized already
+        trainer.args.eval_strategy, trainer.args.eval_steps = IntervalStrategy.STEPS, 2
+        trainer.train()
+        history[name] = [(row["step"], "eval_loss" in row, "loss" in row) for row in trainer.state.log_history]
+    assert history["ours"] == history["trl"]
+    assert [step for step, _, is_loss in history["ours"] if is_loss] == [1, 2, 3, 4, 5]
 
 
 def test_longest_example_reads_packed_and_unpacked_datasets():
@@ -552,10 +579,10 @@ def test_packed_attention_matches_alone_on_gpu(tiny_model_dir, compiled, attn):
 @pytest.mark.gpu
 def test_sync_free_trainer_does_not_wait_for_the_gpu(tiny_model_dir, tmp_path):
     """Inside the optimizer steps after the first, the speed paths' trainer (as prepare_trainer sets it
-    up) never reads the GPU back: not for token counts, NaN checks or TRL's metrics, not in the LM head
-    (positions from the collator, not a boolean mask) nor for transformers' packed-sequence check, and
-    no bitsandbytes sync per tensor. TRL's own trainer reads at each of those. torch's sync debug mode
-    warns at every such read."""
+    up) never reads the GPU back: not for token counts, NaN checks, TRL's metrics or a log at every
+    step, not in the LM head (positions from the collator, not a boolean mask) nor for transformers'
+    packed-sequence check, and no bitsandbytes sync per tensor. TRL's own trainer reads at each of
+    those. torch's sync debug mode warns at every such read."""
     import warnings
 
     from transformers import TrainerCallback
@@ -575,7 +602,7 @@ def test_sync_free_trainer_does_not_wait_for_the_gpu(tiny_model_dir, tmp_path):
 
         bnb_optim.sync_gpu = counted
         trainer = make_trainer(tiny_model_dir, tmp_path / name, speed, n_rows=48, cls=cls, max_steps=4,
-                               whole=cls is not None, logging_steps=100, include_num_input_tokens_seen="non_padding",
+                               whole=cls is not None, logging_steps=1, include_num_input_tokens_seen="non_padding",
                                use_cpu=False, bf16=True, optim="adamw_8bit")
         trainer.model.cuda()
 

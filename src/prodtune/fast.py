@@ -275,6 +275,8 @@ def trainer_class(speed: SpeedPlan) -> type:
 def _sync_free_trainer() -> type:
     """SFTTrainer whose training step never reads the GPU back (one class, made on first use: trl is
     imported only when training)."""
+    import inspect
+
     import torch
     from trl import SFTTrainer
 
@@ -296,11 +298,19 @@ def _sync_free_trainer() -> type:
           then token-weighted over the logging window (TRL averages per-micro-batch ratios).
         * bitsandbytes' 8-bit AdamW steps without synchronizing the device after every tensor
           (`step_without_device_syncs`).
+        * a log is written one optimizer step late: at a logging step its values (loss, gradient
+          norm, metric sums) are copied to pinned memory without waiting, and read when the next
+          step has been queued, by which time the GPU has long computed them. Reading them at once
+          emptied the GPU's queue at every logged step, and the GPU then idled through the Python
+          between two steps (~15 ms of every ~550 ms step with `logging_steps: 1`). The log itself is
+          the same: the same values, the step, epoch and tokens of the step it describes. Steps
+          that evaluate or save log at once, as before.
         * anything else (evaluation, other losses, outputs asked for) is TRL's own code.
         """
 
         _token_counts: list[tuple[Any, Any]]
         _metric_sums: Any = None
+        _pending_log: dict[str, Any] | None = None
 
         def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -373,17 +383,96 @@ def _sync_free_trainer() -> type:
             return loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if self._metric_sums is not None and self.model.training:
-                # Every process logs at the same step, so this gather meets its peers.
-                sums = self.accelerator.gather(self._metric_sums.unsqueeze(0)).sum(0)
-                valid, entropy, correct, tokens = sums.tolist()
-                self._metric_sums = None
-                self._total_train_tokens += int(tokens) // self._tp_size
-                metrics = self._metrics["train"]
-                metrics["entropy"] = [entropy / valid if valid > 0 else 0.0]
-                metrics["mean_token_accuracy"] = [correct / valid if valid > 0 else 0.0]
-                metrics["num_tokens"] = [self._total_train_tokens]
+            if self._metric_sums is not None and self.model.training and self._pending_log is None:
+                self._set_metrics(self._take_metric_sums().tolist())
             super().log(logs, start_time)
+
+        def _take_metric_sums(self) -> Any:
+            """The metric sums since the last log, over all processes (a gather, no read), reset."""
+            # Every process logs at the same step, so this gather meets its peers.
+            sums = self.accelerator.gather(self._metric_sums.unsqueeze(0)).sum(0)
+            self._metric_sums = None
+            return sums
+
+        def _set_metrics(self, sums: list[float]) -> None:
+            valid, entropy, correct, tokens = sums
+            self._total_train_tokens += int(tokens) // self._tp_size
+            metrics = self._metrics["train"]
+            metrics["entropy"] = [entropy / valid if valid > 0 else 0.0]
+            metrics["mean_token_accuracy"] = [correct / valid if valid > 0 else 0.0]
+            metrics["num_tokens"] = [self._total_train_tokens]
+
+        def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, model: Any, *args: Any,
+                                     **kwargs: Any) -> None:
+            should_log = self.control.should_log
+            self._write_pending_log()  # its on_log resets control.should_log, which is this step's
+            control, state = self.control, self.state
+            control.should_log = should_log
+            if (control.should_log and state.global_step > self._globalstep_last_logged
+                    and not control.should_evaluate and not control.should_save):
+                call = inspect.signature(super()._maybe_log_save_evaluate).bind(tr_loss, grad_norm, model, *args,
+                                                                                 **kwargs).arguments
+                self._defer_log(tr_loss, grad_norm, call.get("start_time"), call.get("learning_rate"))
+                control.should_log = False  # so transformers neither logs nor reads the loss now
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+        def _defer_log(self, tr_loss: Any, grad_norm: Any, start_time: float | None,
+                       learning_rate: float | None) -> None:
+            """transformers' logging step up to its reads: the values copied aside, `tr_loss` reset."""
+            from transformers.trainer_pt_utils import nested_gather
+
+            values = [nested_gather(tr_loss, self.args.parallel_mode).mean().reshape(1)]
+            grad_is_tensor = isinstance(grad_norm, torch.Tensor)
+            if grad_is_tensor:
+                values.append(grad_norm.detach().reshape(1))
+            sums = self._metric_sums is not None and self.model.training
+            if sums:
+                values.append(self._take_metric_sums())
+            packed = torch.cat([v.to(torch.float64) for v in values])
+            event = None
+            if packed.is_cuda:
+                host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = packed
+            tr_loss -= tr_loss  # queued after the copy above
+            state = self.state
+            self._pending_log = {
+                "values": host, "event": event, "steps": state.global_step - self._globalstep_last_logged,
+                "grad_norm": None if grad_is_tensor else grad_norm, "grad_is_tensor": grad_is_tensor,
+                "sums": sums, "learning_rate": learning_rate if learning_rate is not None else self._get_learning_rate(),
+                "start_time": start_time, "state": (state.global_step, state.epoch, state.num_input_tokens_seen)}
+            self._globalstep_last_logged = state.global_step
+            # Not store_flos(): across processes it reads the GPU; the FLOPs are stored at the end.
+
+        def _write_pending_log(self) -> None:
+            """Write the log deferred by `_defer_log`, as transformers would have written it then."""
+            pending, self._pending_log = self._pending_log, None
+            if pending is None:
+                return
+            if pending["event"] is not None:
+                pending["event"].synchronize()  # recorded a whole step ago
+            values = pending["values"].tolist()
+            loss = values.pop(0)
+            logs = {"loss": loss / pending["steps"]}
+            grad_norm = values.pop(0) if pending["grad_is_tensor"] else pending["grad_norm"]
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm
+            logs["learning_rate"] = pending["learning_rate"]
+            self._total_loss_scalar += loss
+            if pending["sums"]:
+                self._set_metrics(values)
+            state = self.state
+            now = (state.global_step, state.epoch, state.num_input_tokens_seen)
+            state.global_step, state.epoch, state.num_input_tokens_seen = pending["state"]
+            self._pending_log = pending  # tells log() that the metrics are set already
+            try:
+                self.log(logs, pending["start_time"])
+            finally:
+                self._pending_log = None
+                state.global_step, state.epoch, state.num_input_tokens_seen = now
 
     return SyncFreeSFTTrainer
 
