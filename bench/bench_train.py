@@ -96,8 +96,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast-maskhead": {"train": {"speed": "auto"}, "mask_head": True},
     # The fast path with flash attention sized to the data's longest example, not each batch's.
     "fast-databound": {"train": {"speed": "auto"}, "data_bound": True},
-    # Round 4's fast path (both of the above).
-    "fast-r4": {"train": {"speed": "auto"}, "mask_head": True, "data_bound": True},
+    # Round 4's fast path: both of the above, and each log written (and read back) at its step.
+    "fast-r4": {"train": {"speed": "auto"}, "mask_head": True, "data_bound": True, "logs_at_once": True},
+    "fast-logs-at-once": {"train": {"speed": "auto"}, "logs_at_once": True},
     "small-before": {"train": {"speed": "small"}, "plan": {"rows": 2, "grad_accum": 4, "offload": False},
                      "before": True},
     "small-flex": {"train": {"speed": "small"}, "plan": {"attn_implementation": "flex_attention", "compile": False}},
@@ -260,6 +261,8 @@ def run_config(name: str, model_dir: Path, tiny: bool, warmup: int, steps: int, 
     losses = Losses()
     trainer = train.build_trainer(model, tok, data, None, lora_cfg, train_cfg, plan,
                                   Path(tempfile.mkdtemp(prefix="bench-train-")), callbacks=[clock, losses])
+    if spec.get("logs_at_once"):
+        trainer.late_logs = False
     if os.environ.get("BENCH_PROFILE") == name and cuda:
         trainer.add_callback(Profiler(warmup + steps, profiled_steps()))  # more steps, after the timed ones
     mark("trainer ready")

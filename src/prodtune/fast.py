@@ -308,6 +308,8 @@ def _sync_free_trainer() -> type:
         * anything else (evaluation, other losses, outputs asked for) is TRL's own code.
         """
 
+        late_logs = True
+        """Write each log one step late (False: at its step, reading the GPU as transformers does)."""
         _token_counts: list[tuple[Any, Any]]
         _metric_sums: Any = None
         _pending_log: dict[str, Any] | None = None
@@ -408,7 +410,7 @@ def _sync_free_trainer() -> type:
             self._write_pending_log()  # its on_log resets control.should_log, which is this step's
             control, state = self.control, self.state
             control.should_log = should_log
-            if (control.should_log and state.global_step > self._globalstep_last_logged
+            if (self.late_logs and control.should_log and state.global_step > self._globalstep_last_logged
                     and not control.should_evaluate and not control.should_save):
                 call = inspect.signature(super()._maybe_log_save_evaluate).bind(tr_loss, grad_norm, model, *args,
                                                                                  **kwargs).arguments
