@@ -27,15 +27,18 @@ micro-batch, fp32 residual stream) keeps an H100 about 2% busy. What these paths
   so cards of >= 120 GiB keep every activation (4N), 80 GB cards checkpoint every other layer
   (5N), smaller ones every layer.
 * Cross-entropy: TRL >= 1.16 already projects through the LM head in chunks and only at labelled
-  positions (its fused LM head), so the full fp32 logits are never built.
+  positions (its fused LM head), so the full fp32 logits are never built. The collator lists those
+  positions on the CPU, and the head selects them by index, not with a boolean mask whose size the
+  host would read back from the GPU (`lm_head`).
 * No waiting for the GPU inside a step (`trainer_class`): transformers and TRL read token counts and
   metrics back with `.item()` on every micro-batch; each such read empties the GPU's queue, and the
   Python work after it (the 8-bit AdamW's 448 launches, the next batch) then runs on an idle GPU.
-  Here they are counted on the GPU and read back later, without stopping it.
+  Here they are counted on the GPU and read back later, without stopping it, and a log's values
+  are read one optimizer step late, when the GPU has long computed them.
 * Attention sized to the data: flash attention's kernel launches work for every example, sized to the
-  longest it is told of. The bound is the longest example of the datasets, not the 2048-token row,
-  and the padding at the end of a micro-batch is one segment, not ~180 one-token examples
-  (`OnePaddingSegment`).
+  longest it is told of: each micro-batch's longest example (a dynamic length, not a recompile),
+  not the 2048-token row, and the padding at the end of a micro-batch is one segment, not ~180
+  one-token examples (`OnePaddingSegment`).
 
 bench/NOTES.md has the measurements. prodtune.plan and train.py use it as:
 
