@@ -127,15 +127,19 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                       dropout=dropout, **kwargs)
     # [1, heads, tokens, dim] -> [tokens, heads, dim], the layout the kernel reads.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    # The batch's own longest (symbolic inside a compiled layer: no int(), which would fix its value).
-    max_len = longest.shape[0] if longest is not None else int(kwargs.get("max_length_q") or q.shape[0])
+    # The batch's own longest (symbolic inside a compiled layer: no int(), which would fix its value),
+    # within `bound`, a constant from batch to batch (steady_kwargs).
+    bound = int(kwargs.get("max_length_q") or q.shape[0])
+    max_len = longest.shape[0] if longest is not None else bound
     dtype = q.dtype
     if q.is_cuda and dtype not in (torch.float16, torch.bfloat16):  # the kernel's dtypes; fp32 models too
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
     if q.is_cuda:
         window = kwargs.get("sliding_window")
-        extra = {"window_size_left": window - 1, "window_size_right": 0} if window and max_len > window else {}
+        # Decided on the constant bound, not the batch's length (a guard, and a recompile, on it):
+        # a window longer than every example of a batch changes nothing there.
+        extra = {"window_size_left": window - 1, "window_size_right": 0} if window and bound > window else {}
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), max_len, max_len, 0.0, True, False,
             scale=scaling, **extra)[0]
