@@ -81,12 +81,15 @@ def test_padded_rows_score_like_trls_mask(tiny_llama_dir, tmp_path):
     _assert_same(_outputs(trainer.model, batch, lm_head.label_positions(labels)), trl)
 
 
-def test_only_models_with_plain_heads_and_a_fused_forward(tiny_model_dir, tmp_path):
+def test_only_models_with_plain_heads_and_a_fused_forward(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     assert not lm_head.select_by_position(AutoModelForCausalLM.from_pretrained(tiny_model_dir))  # no fused head
     trainer = make_trainer(tiny_model_dir, tmp_path, cpu_plan())
     model = trainer.model.get_base_model()
+    with monkeypatch.context() as m:  # a TRL without the kernel this path calls
+        m.setattr(lm_head, "_trl_kernel", lambda: False)
+        assert not lm_head.select_by_position(model)
     model.config.final_logit_softcapping = 30.0
     assert not lm_head.select_by_position(model)
     model.config.final_logit_softcapping = None

@@ -67,7 +67,7 @@ def select_by_position(causal_lm: Any, outputs: tuple[str, ...] = SFT_OUTPUTS) -
     if getattr(fused, "selects_by_position", False):
         return True
     if (not isinstance(fused, types.MethodType) or "fused_lm_head" not in fused.__func__.__code__.co_varnames
-            or not plain_head(causal_lm.config)):
+            or not plain_head(causal_lm.config) or not _trl_kernel()):
         return False
 
     @functools.wraps(type(causal_lm).forward)  # generate() checks model kwargs against this signature
@@ -118,6 +118,18 @@ def _score_positions(model: Any, args: tuple, kwargs: dict[str, Any], positions:
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
     return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
                                mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+
+def _trl_kernel() -> bool:
+    """Whether this TRL has the pieces `_score_positions` calls (TRL 1.16's names and signature)."""
+    import inspect
+
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx  # noqa: F401
+    except ImportError:
+        return False
+    return "outputs" in inspect.signature(ChunkedLogProbFunction.forward).parameters
 
 
 def _chunk_size() -> int:
