@@ -85,7 +85,6 @@ def select_by_position(causal_lm: Any, outputs: tuple[str, ...] = SFT_OUTPUTS) -
 def _score_positions(model: Any, args: tuple, kwargs: dict[str, Any], positions: Any,
                      outputs: tuple[str, ...]) -> Any:
     """TRL's fused forward (default branch) with the labelled rows gathered by index."""
-    import torch
     from torch.distributed.tensor import DTensor
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
