@@ -33,7 +33,8 @@ def steady_kwargs(max_length: int, keep_boundaries: bool, longest: int | None = 
     be a constant of the compiled graph (a recompile per value), so it travels as the length of a
     small CPU tensor (`LONGEST`, a dynamic dimension). The int arguments become a constant: `longest`
     (the data's longest example), or the row length `max_length` for a batch whose own longest (TRL's
-    collator gives it) is longer. Otherwise the varlen keyword arguments are dropped."""
+    collator gives it) is longer; with `per_batch=False` (bench only) they are all the kernel gets.
+    Otherwise the varlen keyword arguments are dropped."""
     import torch
 
     bound = min(longest or max_length, max_length)

@@ -283,6 +283,9 @@ def _sync_free_trainer() -> type:
     import torch
     from trl import SFTTrainer
 
+    # Which of transformers' arguments are the start time and learning rate (looked up once).
+    _LOG_SAVE_EVALUATE = inspect.signature(SFTTrainer._maybe_log_save_evaluate)
+
     class SyncFreeSFTTrainer(SFTTrainer):
         """TRL's SFTTrainer, with its per-micro-batch reads of the GPU moved out of the step.
 
@@ -316,6 +319,7 @@ def _sync_free_trainer() -> type:
         _token_counts: list[tuple[Any, Any]]
         _metric_sums: Any = None
         _pending_log: dict[str, Any] | None = None
+        _writing_late_log = False  # log() then finds its metrics set from the late log's values
 
         def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -388,7 +392,7 @@ def _sync_free_trainer() -> type:
             return loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if self._metric_sums is not None and self.model.training and self._pending_log is None:
+            if self._metric_sums is not None and self.model.training and not self._writing_late_log:
                 self._set_metrics(self._take_metric_sums().tolist())
             super().log(logs, start_time)
 
@@ -415,8 +419,7 @@ def _sync_free_trainer() -> type:
             control.should_log = should_log
             if (self.late_logs and control.should_log and state.global_step > self._globalstep_last_logged
                     and not control.should_evaluate and not control.should_save):
-                call = inspect.signature(super()._maybe_log_save_evaluate).bind(tr_loss, grad_norm, model, *args,
-                                                                                 **kwargs).arguments
+                call = _LOG_SAVE_EVALUATE.bind(self, tr_loss, grad_norm, model, *args, **kwargs).arguments
                 self._defer_log(tr_loss, grad_norm, call.get("start_time"), call.get("learning_rate"))
                 control.should_log = False  # so transformers neither logs nor reads the loss now
             super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
@@ -472,11 +475,11 @@ def _sync_free_trainer() -> type:
             state = self.state
             now = (state.global_step, state.epoch, state.num_input_tokens_seen)
             state.global_step, state.epoch, state.num_input_tokens_seen = pending["state"]
-            self._pending_log = pending  # tells log() that the metrics are set already
+            self._writing_late_log = True
             try:
                 self.log(logs, pending["start_time"])
             finally:
-                self._pending_log = None
+                self._writing_late_log = False
                 state.global_step, state.epoch, state.num_input_tokens_seen = now
 
     return SyncFreeSFTTrainer
@@ -550,18 +553,22 @@ def prepare_trainer(trainer: Any, speed: SpeedPlan, compile_cache: str | Path | 
     of its datasets and with each micro-batch's padding joined into one segment (its collator). On
     the speed paths the collator also lists the labelled positions, which the LM head then selects
     by index instead of reading a boolean mask's size back from the GPU (`lm_head`)."""
+    if speed.path == "plain":
+        return {}
     longest = None
     if speed.attn_implementation == VARLEN:
         longest = longest_example(trainer.train_dataset, trainer.eval_dataset)
         trainer.data_collator = OnePaddingSegment(trainer.data_collator)
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    by_position = speed.path != "plain" and lm_head.select_by_position(model)
+    by_position = lm_head.select_by_position(_base_model(trainer.model))
     if by_position:
         trainer.data_collator = lm_head.LabelPositions(trainer.data_collator)
-    prepared = prepare(trainer.model, speed, compile_cache, longest)
-    if speed.path != "plain":
-        prepared["lm_head"] = "labelled positions from the collator" if by_position else "TRL's (a boolean mask)"
-    return prepared
+    return {**prepare(trainer.model, speed, compile_cache, longest),
+            "lm_head": "labelled positions from the collator" if by_position else "TRL's (a boolean mask)"}
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (the model itself without one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = None,
@@ -575,7 +582,7 @@ def prepare(model: Any, speed: SpeedPlan, compile_cache: str | Path | None = Non
     """
     if speed.path == "plain":
         return {}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     done: dict[str, Any] = {}
     if speed.bf16_frozen:
         done["bf16_frozen_params"] = cast_frozen(base)
